@@ -1,0 +1,45 @@
+"""mtlkit: multi-task learning on PyTorch.
+
+The public API: the per-task gradient engine (:func:`jacobian`, :func:`gramian`,
+:func:`backward`), methods (:mod:`mtlkit.methods`), architectures, update strategies, the
+:class:`Trainer`, tasks and metrics.
+"""
+
+from mtlkit import methods
+from mtlkit.architectures import HPS
+from mtlkit.autograd import backward, gramian, jacobian
+from mtlkit.errors import ConfigError, MtlkitError, NonFiniteError, UnknownNameError
+from mtlkit.metrics import Accuracy, MeanAbsoluteError, MeanSquaredError, Metric, delta_m
+from mtlkit.optim import optimizer
+from mtlkit.strategies import ForwardResult, Joint, StepReport, Strategy, StrategyContext
+from mtlkit.tasks import Task
+from mtlkit.trainer import Budget, Trainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HPS",
+    "Accuracy",
+    "Budget",
+    "ConfigError",
+    "ForwardResult",
+    "Joint",
+    "MeanAbsoluteError",
+    "MeanSquaredError",
+    "Metric",
+    "MtlkitError",
+    "NonFiniteError",
+    "StepReport",
+    "Strategy",
+    "StrategyContext",
+    "Task",
+    "Trainer",
+    "UnknownNameError",
+    "__version__",
+    "backward",
+    "delta_m",
+    "gramian",
+    "jacobian",
+    "methods",
+    "optimizer",
+]

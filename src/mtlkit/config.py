@@ -1,0 +1,180 @@
+"""The typed experiment config behind ``mtlkit train``.
+
+Every key can be set as ``key=value`` on the command line (values are parsed as YAML scalars or
+flow lists/maps, then checked against the field's type), from a YAML file (``--config``), or in
+Python. Dict-valued keys take dotted overrides: ``method_args.reduction=mean``. An unknown key or a
+value of the wrong type is one :class:`~mtlkit.errors.ConfigError` naming the key and what would
+be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtlkit.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Defaults: HPS (MLP encoder) on MultiDigits with EW, 10 epochs."""
+
+    data: str = "multidigits"
+    data_args: dict[str, Any] = field(default_factory=dict)
+    arch: str = "hps"
+    arch_args: dict[str, Any] = field(default_factory=dict)
+    method: str = "ew"
+    method_args: dict[str, Any] = field(default_factory=dict)
+    strategy: str = "joint"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    scheduler: str = "none"
+    batch_size: int = 64
+    epochs: int | None = 10
+    steps: int | None = None
+    passes: int | None = None
+    seconds: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+    rep_grad: bool = False
+    route: str = "auto"
+    select: str = "loss"
+    out: str | None = None
+    progress: bool = True
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            setattr(self, name, _check_type(name, value, _hints()[name]))
+        positive = {"lr": self.lr, "batch_size": self.batch_size}
+        positive.update({k: getattr(self, k) for k in ("epochs", "steps", "passes", "seconds")})
+        for key, value in positive.items():
+            if value is not None and not value > 0:
+                raise ConfigError(f"{key} must be > 0, got {value}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        if self.route not in ("auto", "loop", "batched"):
+            raise ConfigError(f"route must be one of auto, loop, batched; got {self.route!r}")
+        if all(getattr(self, k) is None for k in ("epochs", "steps", "passes", "seconds")):
+            raise ConfigError("set at least one budget: epochs, steps, passes or seconds")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def config_keys() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to ``tp`` (int -> float allowed), or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(key, value, option)
+            except ConfigError:
+                continue
+        names = " or ".join("null" if o is type(None) else _type_name(o) for o in options)
+        raise ConfigError(f"config key {key!r} must be {names}, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
+        return dict(value)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        return [_check_type(key, v, item) for v in value]
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"config key {key!r} must be {tp.__name__}, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"config key {key!r} must be {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: YAML scalar or flow collection (``0.3``, ``true``, ``[1, 2]``)."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"cannot parse value {text!r}: {error}") from error
+
+
+def apply_overrides(base: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key=value`` strings (dotted keys go into dict-valued keys) to a config dict."""
+    result = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in base.items()}
+    valid = config_keys()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        top, _, sub = key.partition(".")
+        if top not in valid:
+            raise ConfigError(f"unknown config key {top!r}; valid keys: {', '.join(valid)}")
+        value = parse_value(text)
+        if sub:
+            if top not in result and typing.get_origin(_hints()[top]) is dict:
+                result[top] = {}
+            if not isinstance(result.get(top), Mapping):
+                raise ConfigError(f"config key {top!r} is not a mapping; cannot set {key!r}")
+            result[top][sub] = value
+        else:
+            result[top] = value
+    return result
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The config from a YAML file (optional) and ``key=value`` overrides, validated."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+        data = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+    unknown = sorted(set(data) - set(config_keys()))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(config_keys())}"
+        )
+    data = apply_overrides(data, overrides)
+    return TrainConfig(**data)

@@ -1,0 +1,49 @@
+"""Data sets bundled with mtlkit and loaders for multi-input problems.
+
+* :mod:`mtlkit.data.multidigits`: MultiDigits, the embedded default benchmark (two UCI digits on
+  one canvas; tasks ``left``, ``right`` and ``sum``).
+* :mod:`mtlkit.data.multi_input`: :class:`MultiInputLoader` and the embedded two-domain problem
+  :func:`two_domain_digits`.
+
+The UCI digits are by E. Alpaydin and C. Kaynak (CC BY 4.0); see ``UCI_DIGITS_LICENSE.txt``.
+"""
+
+from __future__ import annotations
+
+from mtlkit.data.multi_input import (
+    TWO_DOMAIN_TASKS,
+    DomainDigits,
+    MultiInputLoader,
+    two_domain_digits,
+    two_domain_tasks,
+)
+from mtlkit.data.multidigits import (
+    SUM_MEAN,
+    SUM_SCALE,
+    MultiDigits,
+    MultiDigitsConfig,
+    SumMeanAbsoluteError,
+    load_uci_digits,
+    multidigits,
+    multidigits_tasks,
+    sum_from_output,
+    sum_loss,
+)
+
+__all__ = [
+    "SUM_MEAN",
+    "SUM_SCALE",
+    "TWO_DOMAIN_TASKS",
+    "DomainDigits",
+    "MultiDigits",
+    "MultiDigitsConfig",
+    "MultiInputLoader",
+    "SumMeanAbsoluteError",
+    "load_uci_digits",
+    "multidigits",
+    "multidigits_tasks",
+    "sum_from_output",
+    "sum_loss",
+    "two_domain_digits",
+    "two_domain_tasks",
+]

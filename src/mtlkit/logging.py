@@ -1,0 +1,87 @@
+"""Result files: CSV logs appended row by row, JSON written atomically (temp file + rename)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Atomically write ``data`` as indented JSON (NaN and inf become ``null``)."""
+    write_atomic(path, json.dumps(_json_safe(data), indent=2, sort_keys=False) + "\n")
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class CsvLog:
+    """A CSV file with a fixed header, appended one row at a time.
+
+    Rows are flushed every ``flush_every`` rows and on ``close``; values missing from a row are
+    left empty. A new log truncates an existing file of the same name.
+    """
+
+    def __init__(self, path: str | Path, columns: Sequence[str], flush_every: int = 100) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.columns = list(columns)
+        self.flush_every = flush_every
+        self._handle = open(self.path, "w", newline="", encoding="utf-8")  # noqa: SIM115 (kept open)
+        self._writer = csv.DictWriter(self._handle, fieldnames=self.columns, extrasaction="raise")
+        self._writer.writeheader()
+        self._pending = 0
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        self._writer.writerow({k: _format(v) for k, v in row.items()})
+        self._pending += 1
+        if self._pending >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        self._handle.flush()
+        self._pending = 0
+
+    def close(self) -> None:
+        if not self._handle.closed:
+            self._handle.close()
+
+    def __enter__(self) -> CsvLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _format(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value

@@ -1,0 +1,160 @@
+"""The two kinds of multi-task methods and the hooks they share.
+
+* A :class:`LossWeighting` sees the task losses and returns a :class:`WeightedLoss`: task
+  weights ``w`` (which may carry gradient to the method's own parameters, e.g. UW's
+  log-variances) and an optional extra term. The update is the gradient of
+  ``Σ_i w_i L_i + extra`` for every parameter.
+* A :class:`GradientAggregator` sees the Jacobian ``J`` (``[m, n]``) of the task losses w.r.t. the
+  shared parameters (or the shared features) and returns one direction ``[n]``. A
+  :class:`GramianWeighting` is an aggregator whose direction is ``w @ J`` with ``w`` a function of
+  the Gramian ``G = J Jᵀ`` only; it offers ``weights(G)`` so that the engine may skip the
+  Jacobian.
+
+All methods are ``nn.Module`` s: learnable state is returned by ``parameters()``, and all state
+(learnable or not) is saved by ``state_dict()`` (non-tensor state through
+``get_extra_state``/``set_extra_state``). The hooks below are the only way the trainer and the
+strategies talk to a method; there are no method-specific branches anywhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class WeightedLoss:
+    """What a loss weighting decides: task weights and an extra loss term.
+
+    Attributes:
+        weights: ``[m]``; may require grad (learnable weightings).
+        extra: a scalar added to ``Σ w_i L_i`` (e.g. UW's log-variance regulariser), or ``None``.
+    """
+
+    weights: Tensor
+    extra: Tensor | None = None
+
+    def total(self, losses: Tensor) -> Tensor:
+        """``Σ_i w_i L_i + extra``."""
+        total = (self.weights * losses).sum()
+        return total if self.extra is None else total + self.extra
+
+
+class Method(nn.Module):
+    """Base class of every method.
+
+    Class attributes:
+        name: the registered snake_case name.
+        kind: ``"loss"`` for loss weightings, ``"gradient"`` for gradient aggregators.
+        stochastic: whether the method draws random numbers (it then takes a ``generator``).
+        needs_losses_after: whether ``after_step`` needs the losses recomputed after the step
+            (FAMO); a strategy then does one more forward pass on the same batch.
+
+    Hooks (all optional to override):
+        ``before_step(step)``, ``after_step(losses_after)``, ``on_epoch_end(epoch)``, ``reset()``,
+        ``extra_batches`` (how many additional independent batches the method needs per step).
+    """
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[Literal["loss", "gradient"]]
+    stochastic: ClassVar[bool] = False
+    needs_losses_after: ClassVar[bool] = False
+    extra_batches: ClassVar[int] = 0
+
+    def setup(self, num_tasks: int) -> None:
+        """Called once the number of tasks is known, before optimizers are built.
+
+        Methods with per-task state (UW's log-variances) create it here; calling it again with
+        the same ``num_tasks`` changes nothing."""
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        self.num_tasks = num_tasks
+
+    def before_step(self, step: int) -> None:
+        """Called before each optimizer step of this method, with the global step index."""
+
+    def after_step(self, losses_after: Tensor | None) -> None:
+        """Called after the optimizer step, with the task losses recomputed on the same batch
+        when ``needs_losses_after`` is true (``None`` otherwise)."""
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Called at the end of each training epoch."""
+
+    def reset(self) -> None:
+        """Return to the state right after construction (between runs)."""
+        for module in self.modules():
+            if module is not self and isinstance(module, Method):
+                module.reset()
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
+
+    def hparams(self) -> dict[str, object]:
+        """The constructor arguments, for ``repr`` and logging."""
+        return {}
+
+
+class LossWeighting(Method):
+    """A method that maps the task losses ``[m]`` to a :class:`WeightedLoss`."""
+
+    kind = "loss"
+
+    def forward(self, losses: Tensor) -> WeightedLoss:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class GradientAggregator(Method):
+    """A method that maps a Jacobian ``[m, n]`` to a direction ``[n]``.
+
+    ``forward(J)`` returns the direction. After each call, ``last_weights`` holds the task
+    weights ``w`` such that the direction is ``w @ J``, when the method has such weights, and
+    ``None`` otherwise; the engine uses them for the non-shared parameters.
+    """
+
+    kind = "gradient"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_weights: Tensor | None = None
+
+    def forward(self, jacobian: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class GramianWeighting(GradientAggregator):
+    """An aggregator whose direction is ``weights(J Jᵀ) @ J``: subclasses implement ``weights``."""
+
+    def weights(self, gramian: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, jacobian: Tensor) -> Tensor:
+        weights = self.weights(jacobian @ jacobian.T)
+        self.last_weights = weights
+        return weights @ jacobian
+
+
+def check_losses(losses: Tensor) -> None:
+    """Raise ``ValueError`` unless ``losses`` is a 1-D tensor of at least one task loss."""
+    if losses.dim() != 1 or losses.numel() == 0:
+        raise ValueError(f"expected a 1-D tensor of task losses, got shape {tuple(losses.shape)}")
+
+
+def check_gramian(gramian: Tensor) -> None:
+    """Raise ``ValueError`` unless ``gramian`` is a square ``[m, m]`` matrix with m ≥ 1."""
+    if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1] or gramian.shape[0] == 0:
+        raise ValueError(f"expected a square Gramian [m, m], got shape {tuple(gramian.shape)}")
+
+
+def as_generator(generator: torch.Generator | int | None) -> torch.Generator:
+    """A ``torch.Generator`` from a seed, an existing generator, or fresh entropy (``None``)."""
+    if isinstance(generator, torch.Generator):
+        return generator
+    g = torch.Generator()
+    if generator is None:
+        g.seed()
+    else:
+        g.manual_seed(int(generator))
+    return g

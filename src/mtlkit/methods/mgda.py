@@ -1,0 +1,190 @@
+"""MGDA: the min-norm point of the convex hull of the task gradients."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from mtlkit.errors import NonFiniteError
+from mtlkit.methods.base import GramianWeighting, check_gramian
+from mtlkit.methods.registry import METHODS
+
+Normalization = Literal["none", "l2", "loss", "loss+"]
+_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+
+
+def min_norm_weights(gramian: Tensor, tol: float = 1e-8, max_iter: int = 1000) -> Tensor:
+    """``argmin_{w ∈ Δ} wᵀ G w``: the weights of the min-norm point of the convex hull of the rows
+    of ``J`` where ``G = J Jᵀ``.
+
+    Wolfe's (1976) min-norm-point algorithm, a primal active-set method, run on the Gramian: the
+    support ``S`` (the "corral") always holds affinely independent gradients and ``w`` the affine
+    minimiser on it; a major step adds the index ``j`` minimising ``(G w)_j`` while
+    ``(G w)_j < wᵀGw - tol``; minor steps move towards the affine minimiser of ``S`` and drop the
+    indices whose weight reaches zero. The affine minimiser solves ``(G_SS + 11ᵀ) u = 1`` (any
+    solution; a pseudo-inverse, so that a singular Gramian is fine) and is ``u / Σu``.
+
+    The result satisfies the KKT conditions ``w ≥ 0``, ``Σw = 1``, ``(G w)_i ≥ wᵀGw - tol·s`` for
+    all ``i``, with equality (to rounding) on the support, where ``s = max_i G_ii``. It is on the
+    device and of the dtype of ``gramian`` (computed in at least float32). When all gradients are
+    zero every ``w`` is optimal and the uniform one is returned.
+
+    Args:
+        gramian: ``[m, m]`` positive semi-definite.
+        tol: tolerance on the KKT conditions, relative to the largest squared gradient norm.
+        max_iter: bound on the number of affine-minimiser solves; a ``RuntimeWarning`` is issued
+            if it is reached.
+    """
+    check_gramian(gramian)
+    if not bool(torch.isfinite(gramian).all()):
+        raise NonFiniteError("MGDA got a Gramian with NaN or infinite entries")
+    m = gramian.shape[0]
+    work = gramian.detach().to(torch.float32 if gramian.device.type == "mps" else torch.float64)
+    scale = work.diagonal().max()
+    if m == 1 or scale <= 0:
+        return torch.full((m,), 1.0 / m, dtype=gramian.dtype, device=gramian.device)
+    work = work / scale
+    tol = max(tol, FLOOR * torch.finfo(gramian.dtype).eps)
+
+    start = int(work.diagonal().argmin())
+    support = [start]
+    weights = torch.zeros(m, dtype=work.dtype, device=work.device)
+    weights[start] = 1.0
+    solves = 0
+    while solves < max_iter:
+        grad = work @ weights
+        entering = int(grad.argmin())
+        if entering in support or grad[entering] >= weights @ grad - tol:
+            break
+        support.append(entering)
+        while solves < max_iter:  # minor cycle: reach the affine minimiser of the support
+            solves += 1
+            index = torch.tensor(support, device=work.device)
+            target = _affine_minimizer(work[index][:, index])
+            if bool((target > 0).all()):
+                weights = torch.zeros_like(weights).index_copy_(0, index, target)
+                break
+            current = weights[index]
+            blocked = target <= 0
+            ratios = current / (current - target).clamp_min(torch.finfo(work.dtype).tiny)
+            ratios = torch.where(blocked, ratios, torch.inf)
+            first = int(ratios.argmin())
+            step = current + ratios[first].clamp(0, 1) * (target - current)
+            step[first] = 0
+            keep = step > 0
+            support = [i for i, k in zip(support, keep.tolist()) if k]
+            index = index[keep]
+            weights = torch.zeros_like(weights).index_copy_(0, index, step[keep] / step[keep].sum())
+        if entering not in support:  # the entering index is never dropped but for rounding
+            break
+    else:
+        warnings.warn(
+            f"MGDA's min-norm solver reached max_iter={max_iter}", RuntimeWarning, stacklevel=2
+        )
+    return weights.to(gramian.dtype)
+
+
+def _affine_minimizer(gramian: Tensor) -> Tensor:
+    """The weights ``v`` (``Σv = 1``) of the min-norm point of the affine hull of the gradients."""
+    lifted = gramian + 1.0
+    ones = torch.ones(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
+    solution = torch.linalg.pinv(lifted, hermitian=True) @ ones
+    return solution / solution.sum()
+
+
+@METHODS.register("mgda")
+class MGDA(GramianWeighting):
+    """Multiple-gradient descent (Désidéri 2012; Sener & Koltun, NeurIPS 2018).
+
+    The direction is the min-norm point of the convex hull of the task gradients ``g_i``
+    (the rows of ``J``)::
+
+        w* = argmin_{w ∈ Δ} |Σ_i w_i ĝ_i|²,   ĝ_i = g_i / c_i,   d = Σ_i w*_i ĝ_i,
+
+    solved exactly (to ``tol``) by :func:`min_norm_weights`. ``d`` does not conflict with any
+    task: ``ĝ_i · d ≥ |d|²``; it is zero at a Pareto-stationary point. The scales ``c_i`` follow
+    the paper's code and LibMTL: ``1`` (``"none"``), ``|g_i|`` (``"l2"``), ``L_i`` (``"loss"``) or
+    ``L_i |g_i|`` (``"loss+"``); a zero gradient keeps ``c_i = 1``. The returned weights are those
+    on the original gradients, ``w*_i / c_i``, so that the direction is ``weights @ J``.
+
+    The loss normalisations need the (positive) task losses: pass ``losses`` to ``weights`` or
+    ``forward``, or set the attribute ``losses`` before the call; ``needs_losses`` tells whether
+    they are needed.
+
+    Args:
+        normalization: ``"none"``, ``"l2"``, ``"loss"`` or ``"loss+"``.
+        tol: tolerance of the min-norm solver, relative to the largest squared gradient norm.
+        max_iter: bound on the solver's iterations.
+    """
+
+    def __init__(
+        self, normalization: Normalization = "none", tol: float = 1e-8, max_iter: int = 1000
+    ) -> None:
+        super().__init__()
+        if normalization not in _NORMALIZATIONS:
+            raise ValueError(
+                f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}"
+            )
+        if not tol >= 0:
+            raise ValueError(f"tol must be >= 0, got {tol}")
+        if max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+        self.normalization = normalization
+        self.tol = float(tol)
+        self.max_iter = int(max_iter)
+        self.losses: Tensor | None = None
+
+    @property
+    def needs_losses(self) -> bool:
+        """Whether the normalisation uses the task losses."""
+        return self.normalization in ("loss", "loss+")
+
+    def hparams(self) -> dict[str, object]:
+        return {"normalization": self.normalization, "tol": self.tol, "max_iter": self.max_iter}
+
+    def forward(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
+        return self.weights(jacobian @ jacobian.T, losses) @ jacobian
+
+    def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
+        """The weights ``w*_i / c_i`` on the original gradients (see the class docstring).
+
+        Args:
+            gramian: ``[m, m]``, ``J Jᵀ``.
+            losses: ``[m]`` task losses, for the loss normalisations (default: ``self.losses``).
+        """
+        check_gramian(gramian)
+        gramian = gramian.detach()
+        scales = self._scales(gramian, self.losses if losses is None else losses)
+        normalized = gramian / (scales[:, None] * scales[None, :])
+        weights = min_norm_weights(normalized, self.tol, self.max_iter) / scales
+        self.last_weights = weights
+        return weights
+
+    def _scales(self, gramian: Tensor, losses: Tensor | None) -> Tensor:
+        """The ``c_i`` by which gradient ``i`` is divided before the min-norm solve."""
+        scales = torch.ones(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
+        if self.normalization in ("l2", "loss+"):
+            scales = gramian.diagonal().clamp_min(0).sqrt()
+        if self.needs_losses:
+            if losses is None:
+                raise ValueError(
+                    f"MGDA(normalization={self.normalization!r}) needs the task losses: pass "
+                    "losses= to weights/forward or set the attribute 'losses'"
+                )
+            losses = losses.detach().to(gramian)
+            if losses.shape != scales.shape:
+                raise ValueError(
+                    f"MGDA got {tuple(losses.shape)} losses for a {tuple(gramian.shape)} Gramian"
+                )
+            if not bool(torch.isfinite(losses).all()):
+                raise NonFiniteError("MGDA got NaN or infinite task losses")
+            if not bool((losses > 0).all()):
+                raise ValueError(
+                    f"MGDA(normalization={self.normalization!r}) needs positive losses, "
+                    f"got {losses.tolist()}"
+                )
+            scales = scales * losses
+        return torch.where(scales > 0, scales, torch.ones_like(scales))

@@ -1,0 +1,430 @@
+"""The training loop: fit, evaluate, select the model on validation, log, summarise.
+
+Readable top to bottom: ``fit`` runs epochs until the budget is spent; each batch goes to the
+strategy, which does all forward/backward/step work through a ``compute_losses`` closure; after
+each epoch the model is evaluated on the validation split and the best one (lowest summed
+validation loss by default, as Pascal et al. do) is kept. There are no method-specific branches:
+methods talk to the loop only through their hooks, via the strategy.
+
+Files written to ``out_dir`` (when given): ``metrics.csv`` (one row per epoch), ``steps.csv``
+(one row per optimizer-step report: losses and task weights), ``summary.json`` (config, results
+per split, cost), rewritten atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import resource
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice per epoch
+
+from mtlkit.autograd import Route
+from mtlkit.data.multi_input import MultiInputLoader
+from mtlkit.errors import MtlkitError, NonFiniteError
+from mtlkit.logging import CsvLog, write_json_atomic
+from mtlkit.optim import OptimizerFactory
+from mtlkit.optim import optimizer as default_optimizer
+from mtlkit.strategies import ForwardResult, Joint, Strategy, StrategyContext
+from mtlkit.tasks import Task
+
+
+@dataclass(frozen=True)
+class Budget:
+    """When training stops: the first of these limits reached (``None`` = no limit).
+
+    ``passes`` counts forward passes of the model (each ``compute_losses`` call); a strategy that
+    steps several times per batch spends several passes per batch.
+    """
+
+    epochs: int | None = 10
+    steps: int | None = None
+    passes: int | None = None
+    seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        limits = asdict(self)
+        if all(v is None for v in limits.values()):
+            raise MtlkitError(
+                "the training budget needs at least one of epochs, steps, passes, seconds"
+            )
+        for key, value in limits.items():
+            if value is not None and not value > 0:
+                raise MtlkitError(f"budget {key} must be > 0, got {value}")
+
+    def spent(self, epochs: int, steps: int, passes: int, seconds: float) -> bool:
+        return (
+            (self.epochs is not None and epochs >= self.epochs)
+            or (self.steps is not None and steps >= self.steps)
+            or (self.passes is not None and passes >= self.passes)
+            or (self.seconds is not None and seconds >= self.seconds)
+        )
+
+
+@dataclass
+class Progress:
+    """Counters of a run."""
+
+    epoch: int = 0
+    steps: int = 0
+    passes: int = 0
+    seconds: float = 0.0
+
+
+Results = dict[str, dict[str, float]]  # task -> metric -> value
+
+
+class Trainer:
+    """Train a multi-task model.
+
+    Args:
+        model: maps inputs to ``{task: output}``; has ``shared_parameters()`` and
+            ``task_parameters(task)``; multi-input models take ``task=``; for ``rep_grad`` it
+            returns ``(outputs, features)`` when called with ``return_features=True``.
+        tasks: the tasks, in order.
+        strategy: the update strategy (``Joint(EW())`` by default).
+        optimizer: a factory ``params -> (optimizer, scheduler or None)`` (Adam, lr 1e-3).
+        budget: when to stop (10 epochs by default).
+        device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:1"``, ...
+        rep_grad: gradient aggregators differentiate w.r.t. the shared representation.
+        route: Jacobian route (see :func:`mtlkit.jacobian`).
+        select: model selection on the validation split: ``"loss"`` (lowest summed validation
+            loss) or ``"task/metric"`` (e.g. ``"left/acc"``), or ``"last"``.
+        seed: seeds torch's global RNG at the start of ``fit`` (dropout, initial draws).
+        out_dir: where to write logs and the summary; ``None`` writes nothing.
+        config: a JSON-able description of the run, stored in ``summary.json``.
+        progress: show a progress bar per epoch.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tasks: Sequence[Task],
+        strategy: Strategy | None = None,
+        optimizer: OptimizerFactory | None = None,
+        *,
+        budget: Budget | None = None,
+        device: str | torch.device = "cpu",
+        rep_grad: bool = False,
+        route: Route = "auto",
+        select: str = "loss",
+        seed: int = 0,
+        out_dir: str | Path | None = None,
+        config: Mapping[str, Any] | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.tasks = list(tasks)
+        names = [t.name for t in self.tasks]
+        if not names or len(set(names)) != len(names):
+            raise MtlkitError(f"tasks must be non-empty with unique names, got {names}")
+        self.task_names = names
+        self.by_name = {t.name: t for t in self.tasks}
+        self.device = resolve_device(device)
+        self.model = model.to(self.device)
+        self.strategy = strategy if strategy is not None else Joint()
+        self.optimizer_factory = optimizer if optimizer is not None else default_optimizer()
+        self.budget = budget if budget is not None else Budget()
+        self.rep_grad = rep_grad
+        self.route = route
+        self.select = self._check_select(select)
+        self.seed = seed
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.config = dict(config or {})
+        self.progress_bar = progress
+        self.multi_input = bool(getattr(model, "multi_input", False))
+        if rep_grad and not getattr(model, "has_shared_representation", False):
+            raise MtlkitError(
+                f"rep_grad needs a model with one shared representation; "
+                f"{type(model).__name__} does not offer one (has_shared_representation is false)"
+            )
+        self.progress = Progress()
+        self.results: dict[str, Results] = {}
+        self.best_epoch: int | None = None
+        self._setup_done = False
+
+    # ------------------------------------------------------------------ training
+    def fit(self, train: Iterable[Any], val: Any = None) -> Progress:
+        """Train until the budget is spent; keep the best model on ``val`` (if given).
+
+        ``train`` yields batches ``(inputs, {task: target})`` (single-input), or is a
+        ``{task: DataLoader}`` / :class:`MultiInputLoader` (multi-input).
+        """
+        torch.manual_seed(self.seed)
+        train = self._as_loader(train)
+        if not self._setup_done:
+            self.strategy.setup(
+                StrategyContext(
+                    model=self.model,
+                    tasks=self.task_names,
+                    optimizer_factory=self.optimizer_factory,
+                    rep_grad=self.rep_grad,
+                    route=self.route,
+                    device=self.device,
+                )
+            )
+            self._setup_done = True
+        logs = self._open_logs()
+        best_score, best_state = math.inf, None
+        start = time.perf_counter() - self.progress.seconds
+        try:
+            while not self._budget_spent():
+                self.progress.epoch += 1
+                train_losses = self._train_epoch(train, logs, start)
+                self.strategy.on_epoch_end(self.progress.epoch)
+                row: dict[str, Any] = {
+                    "epoch": self.progress.epoch,
+                    "steps": self.progress.steps,
+                    "passes": self.progress.passes,
+                    "seconds": self.progress.seconds,
+                }
+                row.update({f"train/{t}/loss": v for t, v in train_losses.items()})
+                if val is not None:
+                    val_results = self.evaluate(val, split="val", write=False)
+                    row.update(flatten_results(val_results, prefix="val"))
+                    score = self._selection_score(val_results)
+                    if score < best_score:
+                        best_score, self.best_epoch = score, self.progress.epoch
+                        best_state = copy.deepcopy(self.model.state_dict())
+                if logs:
+                    logs["metrics"].append(row)
+                    logs["metrics"].flush()
+        finally:
+            for log in (logs or {}).values():
+                log.close()
+        if best_state is not None and self.select != "last":
+            self.model.load_state_dict(best_state)
+        else:
+            self.best_epoch = self.progress.epoch
+        self.write_summary()
+        return self.progress
+
+    def _train_epoch(
+        self, train: Iterable[Any], logs: dict[str, CsvLog] | None, start: float
+    ) -> dict[str, float]:
+        self.model.train()
+        sums = dict.fromkeys(self.task_names, 0.0)
+        batches = 0
+        bar = tqdm(
+            train,
+            desc=f"epoch {self.progress.epoch}",
+            leave=False,
+            disable=not self.progress_bar,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        for index, batch in enumerate(bar):
+            batch = to_device(batch, self.device)
+            try:
+                report = self.strategy.step(batch, self._compute_losses, self.progress.steps)
+            except NonFiniteError as error:
+                raise NonFiniteError(
+                    f"{error} (task order {self.task_names}) at epoch {self.progress.epoch}, "
+                    f"batch {index}, step {self.progress.steps}"
+                ) from error
+            self.progress.steps += report.steps
+            self.progress.seconds = time.perf_counter() - start
+            batches += 1
+            for t, value in report.losses.items():
+                sums[t] += value
+            if logs:
+                row = {"step": self.progress.steps, "epoch": self.progress.epoch}
+                row.update({f"loss/{t}": v for t, v in report.losses.items()})
+                row.update({f"weight/{t}": v for t, v in report.weights.items()})
+                logs["steps"].append(row)
+            if self.progress_bar:
+                bar.set_postfix({t: f"{v:.3f}" for t, v in report.losses.items()}, refresh=False)
+            if self._budget_spent(within_epoch=True):
+                break
+        bar.close()
+        return {t: s / max(1, batches) for t, s in sums.items()}
+
+    def _compute_losses(self, batch: Any) -> ForwardResult:
+        """One forward pass: the loss of every task (and the features for ``rep_grad``)."""
+        self.progress.passes += 1
+        losses: dict[str, Tensor] = {}
+        if self.multi_input:
+            features = []
+            for t in self.task_names:
+                inputs, target = batch[t]
+                outputs, z = self._forward(inputs, task=t)
+                losses[t] = self.by_name[t].loss(outputs[t], target)
+                features.append(z)
+            return ForwardResult(losses, features if self.rep_grad else None)
+        inputs, targets = batch
+        outputs, z = self._forward(inputs)
+        missing = [t for t in self.task_names if t not in outputs or t not in targets]
+        if missing:
+            raise MtlkitError(
+                f"task(s) {missing} missing from the model outputs {sorted(outputs)} "
+                f"or the targets {sorted(targets)}"
+            )
+        for t in self.task_names:
+            losses[t] = self.by_name[t].loss(outputs[t], targets[t])
+        return ForwardResult(losses, z)
+
+    def _forward(
+        self, inputs: Any, task: str | None = None
+    ) -> tuple[dict[str, Tensor], Tensor | None]:
+        kwargs: dict[str, Any] = {} if task is None else {"task": task}
+        if self.rep_grad:
+            return self.model(inputs, return_features=True, **kwargs)
+        return self.model(inputs, **kwargs), None
+
+    def _budget_spent(self, within_epoch: bool = False) -> bool:
+        p = self.progress
+        # Inside an epoch only the step, pass and time limits can end it early.
+        epochs = 0 if within_epoch else p.epoch
+        return self.budget.spent(epochs, p.steps, p.passes, p.seconds)
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, data: Any, split: str = "test", write: bool = True) -> Results:
+        """Per-task metrics and mean loss on ``data`` (batch-size-weighted over batches).
+
+        The result is stored under ``split`` in ``summary.json`` when ``write`` is true.
+        """
+        self.model.eval()
+        metrics = {t.name: t.new_metrics() for t in self.tasks}
+        loss_sums = dict.fromkeys(self.task_names, 0.0)
+        counts = dict.fromkeys(self.task_names, 0)
+
+        def update(task: str, output: Tensor, target: Tensor) -> None:
+            n = int(target.shape[0])
+            loss_sums[task] += float(self.by_name[task].loss(output, target)) * n
+            counts[task] += n
+            for metric in metrics[task].values():
+                metric.update(output, target)
+
+        if self.multi_input:
+            loaders = data.loaders if isinstance(data, MultiInputLoader) else data
+            for t in self.task_names:
+                for inputs, target in loaders[t]:
+                    inputs, target = to_device((inputs, target), self.device)
+                    update(t, self.model(inputs, task=t)[t], target)
+        else:
+            for batch in data:
+                inputs, targets = to_device(batch, self.device)
+                outputs = self.model(inputs)
+                for t in self.task_names:
+                    update(t, outputs[t], targets[t])
+        results: Results = {}
+        for t in self.task_names:
+            if counts[t] == 0:
+                raise MtlkitError(
+                    f"evaluation data for split {split!r} has no samples of task {t!r}"
+                )
+            results[t] = {"loss": loss_sums[t] / counts[t]}
+            results[t].update({name: m.compute() for name, m in metrics[t].items()})
+        if write:
+            self.results[split] = results
+            self.write_summary()
+        return results
+
+    def _check_select(self, select: str) -> str:
+        if select in ("loss", "last"):
+            return select
+        task, _, metric = select.partition("/")
+        if task not in self.by_name or metric not in self.by_name[task].metrics:
+            valid = ["loss", "last"] + [f"{t.name}/{m}" for t in self.tasks for m in t.metrics]
+            raise MtlkitError(f"unknown selection criterion {select!r}; valid: {', '.join(valid)}")
+        return select
+
+    def _selection_score(self, results: Results) -> float:
+        """Lower is better."""
+        if self.select == "last":
+            return -float(self.progress.epoch)
+        if self.select == "loss":
+            return sum(r["loss"] for r in results.values())
+        task, _, metric = self.select.partition("/")
+        value = results[task][metric]
+        return -value if self.by_name[task].higher_is_better()[metric] else value
+
+    # ------------------------------------------------------------------- output
+    def _open_logs(self) -> dict[str, CsvLog] | None:
+        if self.out_dir is None:
+            return None
+        metric_cols = ["epoch", "steps", "passes", "seconds"]
+        metric_cols += [f"train/{t}/loss" for t in self.task_names]
+        metric_cols += [f"val/{t.name}/{m}" for t in self.tasks for m in ["loss", *t.metrics]]
+        step_cols = ["step", "epoch"] + [f"loss/{t}" for t in self.task_names]
+        step_cols += [f"weight/{t}" for t in self.task_names]
+        return {
+            "metrics": CsvLog(self.out_dir / "metrics.csv", metric_cols, flush_every=1),
+            "steps": CsvLog(self.out_dir / "steps.csv", step_cols),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """The run's configuration, results per split and cost."""
+        p = self.progress
+        return {
+            "config": self.config,
+            "tasks": self.task_names,
+            "strategy": repr(self.strategy),
+            "results": self.results,
+            "best_epoch": self.best_epoch,
+            "selection": self.select,
+            "cost": {
+                "epochs": p.epoch,
+                "steps": p.steps,
+                "passes": p.passes,
+                "seconds": p.seconds,
+                "seconds_per_epoch": p.seconds / p.epoch if p.epoch else None,
+                "peak_memory_mb": peak_memory_mb(self.device),
+            },
+        }
+
+    def write_summary(self) -> None:
+        if self.out_dir is not None:
+            write_json_atomic(self.out_dir / "summary.json", self.summary())
+
+    def _as_loader(self, train: Any) -> Iterable[Any]:
+        if self.multi_input and isinstance(train, Mapping):
+            return MultiInputLoader(train)
+        return train
+
+
+def flatten_results(results: Results, prefix: str) -> dict[str, float]:
+    """``{task: {metric: v}}`` -> ``{"prefix/task/metric": v}``."""
+    return {f"{prefix}/{t}/{m}": v for t, ms in results.items() for m, v in ms.items()}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A ``torch.device``, checking that a CUDA device exists when one is asked for."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise MtlkitError(f"invalid device {device!r}; use cpu, cuda or cuda:N") from error
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MtlkitError(f"device {device!r} asked for, but CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MtlkitError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise MtlkitError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+    return dev
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a nested batch (tuples, lists, dicts) to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory: CUDA allocator peak on a GPU, the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

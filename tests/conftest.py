@@ -1,0 +1,36 @@
+"""Shared fixtures: small multi-task models in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mtlkit.architectures import HPS
+
+
+def tiny_hps(num_tasks: int = 3, in_features: int = 5, seed: int = 0, dtype=torch.float64) -> HPS:
+    """An HPS with a 2-layer MLP encoder (plus an unused parameter) and linear heads."""
+    torch.manual_seed(seed)
+    encoder = nn.Sequential(nn.Linear(in_features, 7), nn.Tanh(), nn.Linear(7, 4), nn.Tanh())
+    heads = {
+        f"t{i}": nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+        for i in range(num_tasks)
+    }
+    return HPS(encoder, heads).to(dtype)
+
+
+def task_losses(model: HPS, x: torch.Tensor, y: torch.Tensor, features: bool = False):
+    """Squared-error loss of each task head on target column i (and the features if asked)."""
+    outputs, z = model(x, return_features=True)
+    losses = [((out.squeeze(-1) - y[:, i]) ** 2).mean() for i, out in enumerate(outputs.values())]
+    return (losses, z) if features else losses
+
+
+@pytest.fixture
+def problem():
+    model = tiny_hps()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(11, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(11, 3, generator=gen, dtype=torch.float64)
+    return model, x, y
