@@ -10,7 +10,7 @@ from torch import Tensor, nn
 import mtlkit
 from mtlkit.autograd import graph_leaves
 from mtlkit.errors import NonFiniteError
-from mtlkit.methods import EW, UW, GradientAggregator, GramianWeighting
+from mtlkit.methods import EW, MGDA, UW, GradientAggregator, GramianWeighting
 
 
 def reference_jacobian(losses: list[Tensor], inputs: list[Tensor]) -> Tensor:
@@ -39,14 +39,14 @@ class FixedWeights(GramianWeighting):
         super().__init__()
         self.w = torch.tensor(weights, dtype=torch.float64)
 
-    def weights(self, gramian: Tensor) -> Tensor:
+    def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         return self.w.to(gramian)
 
 
 class FirstRowTwice(GradientAggregator):
     """Test aggregator without weights: the direction is 2 * J[0] + J[-1] squared (non-linear)."""
 
-    def forward(self, jacobian: Tensor) -> Tensor:
+    def forward(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
         return 2 * jacobian[0] + jacobian[-1] ** 2
 
 
@@ -248,3 +248,16 @@ def test_graph_leaves_finds_every_leaf_once(problem):
     leaves = graph_leaves(torch.stack(task_losses(model, x, y)))
     assert {id(p) for p in leaves} == {id(p) for p in model.parameters()}
     assert len(leaves) == len(list(model.parameters()))
+
+
+def test_backward_passes_the_losses_to_aggregators_that_use_them(problem):
+    """MGDA's loss normalisation divides gradient i by L_i before the min-norm solve."""
+    model, x, y = problem
+    losses = task_losses(model, x, y)
+    shared = list(model.shared_parameters())
+    jac = reference_jacobian(losses, shared)
+    values = torch.stack(losses).detach()
+    expected = MGDA().weights((jac / values[:, None]) @ (jac / values[:, None]).T) / values
+    returned = mtlkit.backward(losses, shared, MGDA(normalization="loss"))
+    torch.testing.assert_close(returned, expected)
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in shared]), expected @ jac)

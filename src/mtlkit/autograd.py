@@ -256,7 +256,7 @@ def _aggregate_shared(
     others = [leaf for leaf in graph_leaves(losses) if id(leaf) not in shared_ids]
     jac = jacobian(losses, params, route=route, max_memory=max_memory, retain_graph=True)
     method.last_weights = None
-    direction = method(jac)
+    direction = method(jac, losses.detach())
     weights = method.last_weights
     if others:
         combine = torch.ones_like(losses) if weights is None else weights.to(losses.dtype)
@@ -278,7 +278,7 @@ def _aggregate_features(
     reps = _as_list(features, "features")
     jac = jacobian(losses, reps, route=route, max_memory=max_memory, retain_graph=True)
     method.last_weights = None
-    direction = method(jac)
+    direction = method(jac, losses.detach())
     weights = method.last_weights
     combine = torch.ones_like(losses) if weights is None else weights.to(losses.dtype).detach()
     roots, grads = [(combine * losses).sum()], [None]

@@ -109,9 +109,11 @@ class LossWeighting(Method):
 class GradientAggregator(Method):
     """A method that maps a Jacobian ``[m, n]`` to a direction ``[n]``.
 
-    ``forward(J)`` returns the direction. After each call, ``last_weights`` holds the task
-    weights ``w`` such that the direction is ``w @ J``, when the method has such weights, and
-    ``None`` otherwise; the engine uses them for the non-shared parameters.
+    ``forward(J, losses=None)`` returns the direction; ``losses`` (``[m]``, detached) are the
+    task losses, given by the engine for the methods that use them (MGDA's loss normalisation)
+    and ignored by the others. After each call, ``last_weights`` holds the task weights ``w``
+    such that the direction is ``w @ J``, when the method has such weights, and ``None``
+    otherwise; the engine uses them for the non-shared parameters.
     """
 
     kind = "gradient"
@@ -120,18 +122,19 @@ class GradientAggregator(Method):
         super().__init__()
         self.last_weights: Tensor | None = None
 
-    def forward(self, jacobian: Tensor) -> Tensor:  # pragma: no cover - abstract
+    def forward(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
 
 class GramianWeighting(GradientAggregator):
-    """An aggregator whose direction is ``weights(J Jᵀ) @ J``: subclasses implement ``weights``."""
+    """An aggregator whose direction is ``weights(J Jᵀ, losses) @ J``: subclasses implement
+    ``weights``."""
 
-    def weights(self, gramian: Tensor) -> Tensor:  # pragma: no cover - abstract
+    def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def forward(self, jacobian: Tensor) -> Tensor:
-        weights = self.weights(jacobian @ jacobian.T)
+    def forward(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
+        weights = self.weights(jacobian @ jacobian.T, losses)
         self.last_weights = weights
         return weights @ jacobian
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Literal
 
@@ -16,7 +17,7 @@ Normalization = Literal["none", "l2", "loss", "loss+"]
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
 
-def min_norm_weights(gramian: Tensor, tol: float = 1e-8, max_iter: int = 1000) -> Tensor:
+def min_norm_weights(gramian: Tensor, tol: float = 1e-12, max_iter: int = 1000) -> Tensor:
     """``argmin_{w ∈ Δ} wᵀ G w``: the weights of the min-norm point of the convex hull of the rows
     of ``J`` where ``G = J Jᵀ``.
 
@@ -28,15 +29,20 @@ def min_norm_weights(gramian: Tensor, tol: float = 1e-8, max_iter: int = 1000) -
     solution; a pseudo-inverse, so that a singular Gramian is fine) and is ``u / Σu``.
 
     The result satisfies the KKT conditions ``w ≥ 0``, ``Σw = 1``, ``(G w)_i ≥ wᵀGw - tol·s`` for
-    all ``i``, with equality (to rounding) on the support, where ``s = max_i G_ii``. It is on the
-    device and of the dtype of ``gramian`` (computed in at least float32). When all gradients are
-    zero every ``w`` is optimal and the uniform one is returned.
+    all ``i``, with equality (to rounding) on the support, where ``s = max_i G_ii``; then
+    ``|d - d*| ≤ sqrt(tol·s)`` for the direction ``d = wᵀJ`` and the exact min-norm point ``d*``.
+    ``tol`` is raised to ``4 eps`` of the Gramian's dtype (its own rounding). The solve runs in
+    float64 (float32 on MPS) on the Gramian's device; the result has its dtype. When all gradients
+    are zero every ``w`` is optimal and the uniform one is returned.
 
     Args:
         gramian: ``[m, m]`` positive semi-definite.
         tol: tolerance on the KKT conditions, relative to the largest squared gradient norm.
-        max_iter: bound on the number of affine-minimiser solves; a ``RuntimeWarning`` is issued
-            if it is reached.
+        max_iter: bound on the number of major steps (each adds one index); a ``RuntimeWarning``
+            is issued if it is reached.
+
+    Raises:
+        NonFiniteError: if the Gramian has NaN or infinite entries.
     """
     check_gramian(gramian)
     if not bool(torch.isfinite(gramian).all()):
@@ -47,44 +53,55 @@ def min_norm_weights(gramian: Tensor, tol: float = 1e-8, max_iter: int = 1000) -
     if m == 1 or scale <= 0:
         return torch.full((m,), 1.0 / m, dtype=gramian.dtype, device=gramian.device)
     work = work / scale
-    tol = max(tol, FLOOR * torch.finfo(gramian.dtype).eps)
+    tol = max(tol, 4 * torch.finfo(gramian.dtype).eps)  # below the rounding of G itself
 
-    start = int(work.diagonal().argmin())
-    support = [start]
-    weights = torch.zeros(m, dtype=work.dtype, device=work.device)
-    weights[start] = 1.0
-    solves = 0
-    while solves < max_iter:
+    support = [int(work.diagonal().argmin())]
+    weights = _embed(torch.ones(1, dtype=work.dtype, device=work.device), support, m)
+    best, best_value = weights, math.inf
+    for _ in range(max_iter):
         grad = work @ weights
+        value = float(weights @ grad)
+        if value >= best_value:  # Wolfe's steps strictly decrease |d|: this is rounding
+            weights = best
+            break
+        best, best_value = weights, value
         entering = int(grad.argmin())
-        if entering in support or grad[entering] >= weights @ grad - tol:
+        if entering in support or float(grad[entering]) >= value - tol:
             break
         support.append(entering)
-        while solves < max_iter:  # minor cycle: reach the affine minimiser of the support
-            solves += 1
-            index = torch.tensor(support, device=work.device)
-            target = _affine_minimizer(work[index][:, index])
-            if bool((target > 0).all()):
-                weights = torch.zeros_like(weights).index_copy_(0, index, target)
-                break
-            current = weights[index]
-            blocked = target <= 0
-            ratios = current / (current - target).clamp_min(torch.finfo(work.dtype).tiny)
-            ratios = torch.where(blocked, ratios, torch.inf)
-            first = int(ratios.argmin())
-            step = current + ratios[first].clamp(0, 1) * (target - current)
-            step[first] = 0
-            keep = step > 0
-            support = [i for i, k in zip(support, keep.tolist()) if k]
-            index = index[keep]
-            weights = torch.zeros_like(weights).index_copy_(0, index, step[keep] / step[keep].sum())
-        if entering not in support:  # the entering index is never dropped but for rounding
-            break
+        weights, support = _minor_cycle(work, weights, support)
     else:
         warnings.warn(
             f"MGDA's min-norm solver reached max_iter={max_iter}", RuntimeWarning, stacklevel=2
         )
     return weights.to(gramian.dtype)
+
+
+def _minor_cycle(gramian: Tensor, weights: Tensor, support: list[int]) -> tuple[Tensor, list[int]]:
+    """From ``weights`` (positive on ``support`` but for the index that just entered), move towards
+    the affine minimiser of the support, dropping the indices whose weight reaches zero, until the
+    affine minimiser has positive weights; return it and its support."""
+    m = gramian.shape[0]
+    while True:
+        index = torch.tensor(support, device=gramian.device)
+        target = _affine_minimizer(gramian[index][:, index])
+        if bool((target > 0).all()):
+            return _embed(target, support, m), support
+        current = weights[index]
+        ratios = current / (current - target).clamp_min(torch.finfo(current.dtype).tiny)
+        ratios = torch.where(target <= 0, ratios, torch.inf)
+        first = int(ratios.argmin())
+        step = current + ratios[first] * (target - current)
+        step[first] = 0
+        keep = step > 0
+        support = [i for i, k in zip(support, keep.tolist()) if k]
+        weights = _embed(step[keep] / step[keep].sum(), support, m)
+
+
+def _embed(values: Tensor, support: list[int], size: int) -> Tensor:
+    """The ``[size]`` vector equal to ``values`` on ``support`` and zero elsewhere."""
+    index = torch.tensor(support, device=values.device)
+    return torch.zeros(size, dtype=values.dtype, device=values.device).index_copy_(0, index, values)
 
 
 def _affine_minimizer(gramian: Tensor) -> Tensor:
@@ -107,21 +124,21 @@ class MGDA(GramianWeighting):
     solved exactly (to ``tol``) by :func:`min_norm_weights`. ``d`` does not conflict with any
     task: ``ĝ_i · d ≥ |d|²``; it is zero at a Pareto-stationary point. The scales ``c_i`` follow
     the paper's code and LibMTL: ``1`` (``"none"``), ``|g_i|`` (``"l2"``), ``L_i`` (``"loss"``) or
-    ``L_i |g_i|`` (``"loss+"``); a zero gradient keeps ``c_i = 1``. The returned weights are those
-    on the original gradients, ``w*_i / c_i``, so that the direction is ``weights @ J``.
+    ``L_i |g_i|`` (``"loss+"``); a zero ``c_i`` (a zero gradient) is replaced by ``1``. The
+    returned weights are those on the original gradients, ``w*_i / c_i``, so that the direction
+    is ``weights @ J``.
 
-    The loss normalisations need the (positive) task losses: pass ``losses`` to ``weights`` or
-    ``forward``, or set the attribute ``losses`` before the call; ``needs_losses`` tells whether
-    they are needed.
+    The loss normalisations need the (positive) task losses, which ``mtlkit.backward`` passes
+    to ``forward``/``weights``; ``needs_losses`` tells whether they are needed.
 
     Args:
         normalization: ``"none"``, ``"l2"``, ``"loss"`` or ``"loss+"``.
         tol: tolerance of the min-norm solver, relative to the largest squared gradient norm.
-        max_iter: bound on the solver's iterations.
+        max_iter: bound on the solver's major steps.
     """
 
     def __init__(
-        self, normalization: Normalization = "none", tol: float = 1e-8, max_iter: int = 1000
+        self, normalization: Normalization = "none", tol: float = 1e-12, max_iter: int = 1000
     ) -> None:
         super().__init__()
         if normalization not in _NORMALIZATIONS:
@@ -135,7 +152,6 @@ class MGDA(GramianWeighting):
         self.normalization = normalization
         self.tol = float(tol)
         self.max_iter = int(max_iter)
-        self.losses: Tensor | None = None
 
     @property
     def needs_losses(self) -> bool:
@@ -145,19 +161,16 @@ class MGDA(GramianWeighting):
     def hparams(self) -> dict[str, object]:
         return {"normalization": self.normalization, "tol": self.tol, "max_iter": self.max_iter}
 
-    def forward(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
-        return self.weights(jacobian @ jacobian.T, losses) @ jacobian
-
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         """The weights ``w*_i / c_i`` on the original gradients (see the class docstring).
 
         Args:
             gramian: ``[m, m]``, ``J Jᵀ``.
-            losses: ``[m]`` task losses, for the loss normalisations (default: ``self.losses``).
+            losses: ``[m]`` task losses, for the loss normalisations.
         """
         check_gramian(gramian)
         gramian = gramian.detach()
-        scales = self._scales(gramian, self.losses if losses is None else losses)
+        scales = self._scales(gramian, losses)
         normalized = gramian / (scales[:, None] * scales[None, :])
         weights = min_norm_weights(normalized, self.tol, self.max_iter) / scales
         self.last_weights = weights
@@ -172,7 +185,7 @@ class MGDA(GramianWeighting):
             if losses is None:
                 raise ValueError(
                     f"MGDA(normalization={self.normalization!r}) needs the task losses: pass "
-                    "losses= to weights/forward or set the attribute 'losses'"
+                    "losses= to weights/forward"
                 )
             losses = losses.detach().to(gramian)
             if losses.shape != scales.shape:

@@ -85,11 +85,11 @@ class PCGrad(GramianWeighting):
         self.generator.set_state(state["generator"])
 
     def draw_order(self, num_tasks: int) -> Tensor:
-        """``[m, m-1]`` on the CPU: row ``i`` a uniformly random permutation of the tasks ``≠ i``."""
+        """``[m, m-1]`` on the CPU: row ``i`` a uniformly random permutation of the other tasks."""
         ranks = torch.rand(num_tasks, num_tasks - 1, generator=self.generator).argsort(dim=1)
         return ranks + (ranks >= torch.arange(num_tasks)[:, None]).long()
 
-    def weights(self, gramian: Tensor) -> Tensor:
+    def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         check_gramian(gramian)
         order = self.draw_order(gramian.shape[0])
         weights = project_conflicts(gramian.detach(), order).sum(dim=0)

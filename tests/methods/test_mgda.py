@@ -1,0 +1,269 @@
+"""MGDA: the exact min-norm point of the convex hull of the task gradients."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import nnls
+from torch import Tensor
+
+from mtlkit import methods
+from mtlkit.errors import ConfigError, NonFiniteError
+from mtlkit.methods.mgda import MGDA, min_norm_weights
+
+F64 = torch.float64
+
+
+def random_jacobian(seed: int, m: int, n: int, kind: str = "generic") -> Tensor:
+    """Rows of widely different norms; ``kind`` adds degeneracy."""
+    gen = torch.Generator().manual_seed(seed)
+    jac = torch.randn(m, n, generator=gen, dtype=F64)
+    jac = jac * torch.exp(torch.randn(m, 1, generator=gen, dtype=F64))
+    pick = torch.randint(m, (2,), generator=gen).tolist()
+    if kind == "duplicate":
+        jac[pick[0]] = jac[pick[1]]
+    elif kind == "collinear":
+        jac[pick[0]] = -0.5 * jac[pick[1]]
+    elif kind == "zero":
+        jac[pick[0]] = 0
+    return jac
+
+
+def assert_kkt(gramian: Tensor, w: Tensor, tol: float = 1e-10) -> None:
+    """``w`` is optimal for ``min wᵀGw`` on the simplex (tolerance relative to max G_ii)."""
+    scale = float(gramian.diagonal().max()) or 1.0
+    grad = gramian @ w
+    value = w @ grad
+    assert (w >= 0).all()
+    assert float(w.sum()) == pytest.approx(1.0, abs=1e-12)
+    assert float(grad.min() - value) >= -tol * scale
+    assert torch.allclose(grad[w > 1e-9], value.expand(int((w > 1e-9).sum())), atol=tol * scale)
+
+
+def brute_force(gramian: Tensor) -> tuple[float, Tensor]:
+    """The min of ``wᵀGw`` on the simplex by solving the KKT system on every support."""
+    g = gramian.numpy()
+    m = g.shape[0]
+    best, best_w = np.inf, None
+    for size in range(1, m + 1):
+        for support in itertools.combinations(range(m), size):
+            s = list(support)
+            kkt = np.block([[g[np.ix_(s, s)], np.ones((size, 1))], [np.ones((1, size)), 0]])
+            rhs = np.r_[np.zeros(size), 1.0]
+            v = np.linalg.lstsq(kkt, rhs, rcond=None)[0][:size]
+            if (v >= -1e-12).all() and abs(v.sum() - 1) < 1e-9:
+                w = np.zeros(m)
+                w[s] = np.clip(v, 0, None) / np.clip(v, 0, None).sum()
+                if w @ g @ w < best:
+                    best, best_w = w @ g @ w, w
+    return float(best), torch.from_numpy(best_w)
+
+
+def nnls_reference(jac: Tensor) -> Tensor:
+    """The min-norm point by scipy's NNLS: ``min_{u ≥ 0} |Jᵀu|² + (Σu - 1)²`` is solved by
+    ``u = w* / (1 + |d*|²)`` (Lawson-Hanson, an independent exact active-set solver)."""
+    scaled = (jac / jac.norm(dim=1).max()).numpy()
+    lifted = np.vstack([scaled.T, np.ones(scaled.shape[0])])
+    u, _ = nnls(lifted, np.r_[np.zeros(scaled.shape[1]), 1.0])
+    return torch.from_numpy(u / u.sum())
+
+
+def test_single_task() -> None:
+    method = methods.get("mgda")
+    assert isinstance(method, MGDA)
+    assert method.weights(torch.tensor([[4.0]], dtype=F64)).tolist() == [1.0]
+    jac = torch.tensor([[3.0, -1.0]], dtype=F64)
+    assert torch.equal(method(jac), jac[0])
+    assert method.last_weights.tolist() == [1.0]
+
+
+@pytest.mark.parametrize(
+    ("g1", "g2", "w1", "direction"),
+    [
+        ([1.0, 0.0], [0.0, 1.0], 0.5, [0.5, 0.5]),
+        ([1.0, 0.0], [0.0, 2.0], 0.8, [0.8, 0.4]),  # orthogonal: w ∝ 1/|g|²
+        ([1.0, 0.0], [-1.0, 0.0], 0.5, [0.0, 0.0]),  # opposite: Pareto-stationary
+        ([1.0, 0.0], [3.0, 1.0], 1.0, [1.0, 0.0]),  # g1 is the min-norm point (clamped)
+        ([2.0, 2.0], [1.0, 0.0], 0.0, [1.0, 0.0]),  # g2 is (clamped at the other end)
+        ([1.0, 0.0], [-1.0, 1.0], 0.6, [0.2, 0.4]),
+    ],
+)
+def test_two_tasks_known_values(
+    g1: list[float], g2: list[float], w1: float, direction: list[float]
+) -> None:
+    jac = torch.tensor([g1, g2], dtype=F64)
+    method = MGDA()
+    d = method(jac)
+    assert torch.allclose(method.last_weights, torch.tensor([w1, 1 - w1], dtype=F64), atol=1e-12)
+    assert torch.allclose(d, torch.tensor(direction, dtype=F64), atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_two_tasks_closed_form(seed: int) -> None:
+    g1, g2 = random_jacobian(seed, 2, 5)
+    w1 = ((g2 @ g2 - g1 @ g2) / (g1 - g2).square().sum()).clamp(0, 1)
+    w = MGDA().weights(torch.stack([g1, g2]) @ torch.stack([g1, g2]).T)
+    assert torch.allclose(w, torch.stack([w1, 1 - w1]), atol=1e-10)
+
+
+@pytest.mark.parametrize("m", [2, 5, 17])
+def test_orthogonal_gradients(m: int) -> None:
+    norms = torch.linspace(0.1, 3.0, m, dtype=F64)
+    jac = torch.diag(norms)[torch.randperm(m, generator=torch.Generator().manual_seed(m))]
+    w = MGDA().weights(jac @ jac.T)
+    expected = 1 / (jac.norm(dim=1) ** 2)
+    assert torch.allclose(w, expected / expected.sum(), atol=1e-12)
+
+
+def test_identical_gradients() -> None:
+    g = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
+    jac = g.expand(4, 3).clone()
+    method = MGDA()
+    d = method(jac)
+    assert_kkt(jac @ jac.T, method.last_weights)
+    assert torch.allclose(d, g, atol=1e-12)
+
+
+@pytest.mark.parametrize("normalization", ["none", "l2", "loss", "loss+"])
+def test_zero_gradient_gets_all_weight(normalization: str) -> None:
+    jac = random_jacobian(0, 5, 4)
+    jac[3] = 0
+    losses = torch.tensor([0.5, 1.0, 2.0, 3.0, 0.1], dtype=F64)
+    method = MGDA(normalization=normalization)
+    d = method(jac, losses)
+    expected = 1 / 3 if normalization == "loss" else 1.0  # w*_i / c_i with c = L_i = 3
+    assert method.last_weights.tolist() == [0.0, 0.0, 0.0, expected, 0.0]
+    assert d.tolist() == [0.0] * 4
+
+
+def test_all_gradients_zero() -> None:
+    w = MGDA().weights(torch.zeros(3, 3, dtype=F64))
+    assert torch.allclose(w, torch.full((3,), 1 / 3, dtype=F64))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    m=st.integers(1, 12),
+    n=st.integers(1, 12),
+    kind=st.sampled_from(["generic", "duplicate", "collinear", "zero"]),
+)
+def test_kkt_and_non_conflicting(seed: int, m: int, n: int, kind: str) -> None:
+    jac = random_jacobian(seed, m, n, kind)
+    gramian = jac @ jac.T
+    w = MGDA().weights(gramian)
+    assert_kkt(gramian, w)
+    d = w @ jac
+    scale = float(gramian.diagonal().max()) or 1.0
+    assert ((jac @ d) >= d @ d - 1e-10 * scale).all()  # g_i · d ≥ |d|²: no task conflicts
+
+
+@pytest.mark.parametrize("seed", range(120))
+def test_matches_brute_force(seed: int) -> None:
+    m = 2 + seed % 5
+    n = 1 + (seed // 5) % 7  # n < m half of the time: rank-deficient Gramian
+    jac = random_jacobian(seed, m, n, ["generic", "duplicate", "collinear", "zero"][seed % 4])
+    gramian = jac @ jac.T
+    scale = float(gramian.diagonal().max())
+    best, best_w = brute_force(gramian)
+    w = MGDA().weights(gramian)
+    assert float(w @ gramian @ w) == pytest.approx(best, abs=1e-14 * scale)
+    # the min-norm point is unique even where the weights are not
+    assert torch.allclose(w @ jac, best_w @ jac, atol=1e-9 * scale**0.5)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_matches_scipy_nnls(seed: int) -> None:
+    m = [8, 20, 40][seed % 3]
+    n = [3, 30, 100][seed // 3 % 3]  # n < m: rank-deficient Gramian
+    jac = random_jacobian(seed, m, n, ["generic", "duplicate", "collinear", "zero"][seed // 9 % 4])
+    gramian = jac @ jac.T
+    scale = float(gramian.diagonal().max())
+    w = MGDA().weights(gramian)
+    assert_kkt(gramian, w)
+    reference = nnls_reference(jac)
+    assert float(w @ gramian @ w) == pytest.approx(
+        float(reference @ gramian @ reference), abs=1e-14 * scale
+    )
+    assert torch.allclose(w @ jac, reference @ jac, atol=1e-9 * scale**0.5)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_permutation_equivariance_and_scale_invariance(seed: int) -> None:
+    jac = random_jacobian(seed, 6, 10)  # full rank: unique weights
+    gramian = jac @ jac.T
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(seed))
+    w = MGDA().weights(gramian)
+    assert torch.allclose(MGDA().weights(gramian[perm][:, perm]), w[perm], atol=1e-10)
+    assert torch.allclose(MGDA().weights(1e-6 * gramian), w, atol=1e-10)
+
+
+@pytest.mark.parametrize("normalization", ["l2", "loss", "loss+"])
+@pytest.mark.parametrize("seed", range(5))
+def test_normalizations(normalization: str, seed: int) -> None:
+    jac = random_jacobian(seed, 5, 3 + seed)
+    losses = torch.rand(5, generator=torch.Generator().manual_seed(seed), dtype=F64) + 0.1
+    norms = jac.norm(dim=1)
+    scales = {"l2": norms, "loss": losses, "loss+": losses * norms}[normalization]
+    normalized = jac / scales[:, None]
+    expected = MGDA().weights(normalized @ normalized.T)  # weights on the normalised gradients
+
+    method = MGDA(normalization=normalization)
+    w = method.weights(jac @ jac.T, losses)
+    assert torch.allclose(w, expected / scales, atol=1e-10)
+    assert torch.allclose(w @ jac, expected @ normalized, atol=1e-10)
+    assert torch.allclose(method(jac, losses), expected @ normalized, atol=1e-10)
+    assert method.last_weights is not None and torch.allclose(method.last_weights, w)
+
+
+def test_l2_normalization_ignores_gradient_scale() -> None:
+    jac = random_jacobian(3, 4, 6)
+    rescaled = jac * torch.tensor([[10.0], [0.1], [1.0], [3.0]], dtype=F64)
+    method = MGDA(normalization="l2")
+    assert torch.allclose(method(jac), method(rescaled), atol=1e-10)
+
+
+def test_loss_normalization_needs_positive_losses() -> None:
+    jac = random_jacobian(1, 3, 4)
+    method = MGDA(normalization="loss")
+    assert method.needs_losses and not MGDA(normalization="l2").needs_losses
+    with pytest.raises(ValueError, match="needs the task losses"):
+        method(jac)
+    with pytest.raises(ValueError, match="positive"):
+        method(jac, torch.tensor([1.0, 0.0, 2.0], dtype=F64))
+    with pytest.raises(NonFiniteError):
+        method(jac, torch.tensor([1.0, float("nan"), 2.0], dtype=F64))
+
+
+def test_float32_and_bad_input() -> None:
+    jac = random_jacobian(7, 10, 4, "duplicate")
+    w64 = MGDA().weights(jac @ jac.T)
+    w32 = MGDA().weights((jac @ jac.T).float())
+    assert w32.dtype == torch.float32
+    assert torch.allclose((w32.double() @ jac), w64 @ jac, atol=1e-3)
+    with pytest.raises(NonFiniteError):
+        MGDA().weights(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]], dtype=F64))
+    with pytest.raises(ValueError, match="square"):
+        min_norm_weights(torch.ones(2, 3, dtype=F64))
+    with pytest.raises(ConfigError):
+        methods.get("mgda", normalization="max")
+
+
+def test_max_iter_warns_and_stays_feasible() -> None:
+    jac = random_jacobian(5, 12, 20)
+    with pytest.warns(RuntimeWarning, match="max_iter=2"):
+        w = MGDA(max_iter=2).weights(jac @ jac.T)
+    assert (w >= 0).all() and float(w.sum()) == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="tol"):
+        methods.get("mgda", tol=-1.0)
+
+
+def test_hparams() -> None:
+    method = methods.get("mgda", normalization="loss+", tol=1e-9)
+    assert method.hparams() == {"normalization": "loss+", "tol": 1e-9, "max_iter": 1000}
+    assert "normalization='loss+'" in repr(method)
