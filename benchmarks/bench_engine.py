@@ -11,9 +11,10 @@ For an MLP and a small CNN with m linear heads, measured side by side in one run
 
 Variants of one cell are interleaved in each repetition (in rotating order) after a warm-up, so
 that machine noise hits them alike; the tables give medians over repetitions and ratios of medians.
+Fast cells take more repetitions than ``--repeats``, within ``--budget`` seconds.
 
-    python benchmarks/bench_engine.py [--quick] [--repeats N] [--tasks 2 5 10 40]
-                                      [--device cpu|cuda] [--json out.json]
+    python benchmarks/bench_engine.py [--quick] [--repeats N] [--budget S] [--tasks 2 5 10 40]
+                                      [--device cpu|cuda] [--threads N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -84,13 +85,24 @@ def forward(p: Problem) -> tuple[Tensor, list[Tensor]]:
 
 
 def measure(
-    variants: dict[str, Callable[[], object]], repeats: int, warmup: int, sync: Callable[[], None]
+    variants: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int,
+    budget: float,
+    sync: Callable[[], None],
 ) -> dict[str, list[float]]:
-    """Milliseconds per call of each variant, ``repeats`` samples each, interleaved."""
+    """Milliseconds per call of each variant, interleaved in rotating order: at least ``repeats``
+    samples each, more while a repetition of all variants fits ``budget`` seconds in total."""
     names = list(variants)
+    cost = 0.0  # seconds of one repetition, from the last warm-up call of each variant
     for fn in variants.values():
         for _ in range(warmup):
+            sync()
+            start = time.perf_counter()
             fn()
+            sync()
+        cost += time.perf_counter() - start
+    repeats = max(repeats, int(budget / cost))
     samples: dict[str, list[float]] = {name: [] for name in names}
     gc.collect()
     gc.disable()  # autograd graphs are freed by reference counting; no collector pauses
@@ -180,11 +192,12 @@ def engine_variants(p: Problem) -> dict[str, Callable[[], object]]:
     }
 
 
-def run_cell(model: str, m: int, device: torch.device, repeats: int, warmup: int) -> dict:
+def run_cell(model: str, m: int, device: torch.device, args: argparse.Namespace) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     p = build(model, m, device)
-    samples = measure(step_variants(p), repeats, warmup, sync)
-    samples |= measure(engine_variants(p), repeats, warmup, sync)
+    timing = (args.repeats, args.warmup, args.budget, sync)
+    samples = measure(step_variants(p), *timing)
+    samples |= measure(engine_variants(p), *timing)
     ms = {name: statistics.median(s) for name, s in samples.items()}
     spread = {
         name: float(np.subtract(*np.percentile(s, [75, 25]))) / ms[name]
@@ -199,6 +212,7 @@ def run_cell(model: str, m: int, device: torch.device, repeats: int, warmup: int
     return {
         "model": model,
         "m": m,
+        "repeats": {name: len(s) for name, s in samples.items()},
         "ms": ms,
         "iqr_rel": spread,
         "ratios": ratios,
@@ -213,6 +227,7 @@ def print_table(title: str, rows: list[dict]) -> None:
     head = (
         f"{'m':>3} | {'plain step':>10} | {'EW/plain':>8} | {'(a)':>4} || {'fwd+bwd':>8} | "
         f"{'loop jac':>8} | {'auto/loop':>9} | {'(b)':>4} | {'batch/loop':>10} | {'rep/fwdbwd':>10}"
+        f" | {'reps a/b':>8}"
     )
     print(f"\n{title}\n{head}\n{'-' * len(head)}")
     for r in rows:
@@ -220,7 +235,8 @@ def print_table(title: str, rows: list[dict]) -> None:
         print(
             f"{r['m']:>3} | {ms['plain']:>7.2f} ms | {q['step']:>8.3f} | {verdict(r['pass_a'])} || "
             f"{ms['fwd_bwd']:>5.2f} ms | {ms['loop']:>5.1f} ms | {q['auto']:>9.3f} | "
-            f"{verdict(r['pass_b'])} | {q['batched']:>10.3f} | {q['rep_grad']:>10.3f}"
+            f"{verdict(r['pass_b'])} | {q['batched']:>10.3f} | {q['rep_grad']:>10.3f} | "
+            f"{r['repeats']['plain']:>4}/{r['repeats']['loop']:<3}"
         )
     worst = max(max(r["iqr_rel"].values()) for r in rows)
     typical = statistics.median(v for r in rows for v in r["iqr_rel"].values())
@@ -236,15 +252,27 @@ MODELS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, m in {2, 10}")
-    parser.add_argument("--repeats", type=int, help="samples per variant (default 15, quick 5)")
+    parser.add_argument(
+        "--repeats", type=int, help="minimum samples per variant (default 15, quick 5)"
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        help="seconds per cell and part within which fast cells take more samples "
+        "(default 8, quick 1; 0: exactly --repeats)",
+    )
     parser.add_argument("--tasks", type=int, nargs="+", help="values of m (default 2 5 10 40)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
-    repeats = args.repeats or (5 if args.quick else 15)
+    args.repeats = args.repeats or (5 if args.quick else 15)
+    args.budget = (1.0 if args.quick else 8.0) if args.budget is None else args.budget
+    args.warmup = 2 if args.quick else 3
     tasks = args.tasks or ([2, 10] if args.quick else [2, 5, 10, 40])
-    warmup = 2 if args.quick else 3
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
@@ -253,8 +281,8 @@ def main() -> None:
         f"mtlkit engine benchmark | torch {torch.__version__} | threads "
         f"{torch.get_num_threads()} | device {device}"
         f"{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''} | "
-        f"repeats {repeats} (+{warmup} warm-up), medians | targets: EW/plain and auto/loop "
-        f"<= {TARGET}"
+        f"repeats >= {args.repeats} (more up to {args.budget:g} s per cell and part) "
+        f"+ {args.warmup} warm-up, medians | targets: EW/plain, auto/loop <= {TARGET}"
     )
     print(
         "(a) plain step = zero_grad + forward + sum of CE + backward + Adam step; EW/plain = "
@@ -264,7 +292,7 @@ def main() -> None:
     )
     results, start = [], time.perf_counter()
     for model, title in MODELS.items():
-        rows = [run_cell(model, m, device, repeats, warmup) for m in tasks]
+        rows = [run_cell(model, m, device, args) for m in tasks]
         print_table(title, rows)
         results += rows
     ok = all(r["pass_a"] and r["pass_b"] for r in results)
@@ -274,8 +302,9 @@ def main() -> None:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "device": str(device),
-            "repeats": repeats,
-            "warmup": warmup,
+            "min_repeats": args.repeats,
+            "budget_s": args.budget,
+            "warmup": args.warmup,
             "target": TARGET,
         }
         with open(args.json, "w") as f:

@@ -29,12 +29,18 @@ Losses = Sequence[Tensor] | Tensor
 Inputs = Tensor | Iterable[Tensor]
 
 
-def stack_losses(losses: Losses) -> Tensor:
-    """The task losses as one ``[m]`` tensor; each must be a scalar."""
+def loss_list(losses: Losses) -> list[Tensor]:
+    """The task losses as a list of scalar tensors (checked).
+
+    A Jacobian row is taken from each scalar itself, not from a stacked tensor: differentiating
+    ``torch.stack(losses)[i]`` would send zero cotangents through every other task's graph, which
+    makes a loop over m tasks cost m² head backwards. So pass a list where you can; a ``[m]``
+    tensor is accepted (and unbound), at that cost.
+    """
     if isinstance(losses, Tensor):
         if losses.dim() != 1 or losses.numel() == 0:
             raise ValueError(f"losses must be a 1-D tensor [m], got shape {tuple(losses.shape)}")
-        return losses
+        return list(losses.unbind())
     losses = list(losses)
     if not losses:
         raise ValueError("losses is empty: give one scalar loss per task")
@@ -42,7 +48,7 @@ def stack_losses(losses: Losses) -> Tensor:
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(f"loss {i} must be a scalar tensor, got {shape}")
-    return torch.stack([loss.reshape(()) for loss in losses])
+    return [loss if loss.dim() == 0 else loss.reshape(()) for loss in losses]
 
 
 def _as_list(inputs: Inputs, what: str) -> list[Tensor]:
@@ -87,13 +93,13 @@ def graph_leaves(losses: Tensor) -> list[Tensor]:
     return list(leaves.values())
 
 
-def choose_route(losses: Tensor, n: int) -> Literal["loop", "batched"]:
+def choose_route(num_tasks: int, n: int) -> Literal["loop", "batched"]:
     """The measured-fastest route. With torch 2.13 on CPU the loop wins for every model
     measured (MLP 784-512-512-256 at batch 256: loop 10.9/30 ms vs batched 11.1/36.5 ms at
     m = 2/5, and 2x faster at m = 10-40; CNNs 1.8-2x faster), because the batched route runs each
     head's backward for all m cotangents and falls back to per-sample loops in the losses'
     backward kernels. ``benchmarks/bench_engine.py`` re-measures both."""
-    del losses, n
+    del num_tasks, n
     return "loop"
 
 
@@ -119,21 +125,22 @@ def jacobian(
             splits the tasks into chunks. ``None``: no cap.
         retain_graph: keep the graph for a later backward (default true).
     """
-    stacked = stack_losses(losses)
+    scalars = loss_list(losses)
     tensors = _as_list(inputs, "inputs")
-    m, n = stacked.numel(), sum(t.numel() for t in tensors)
+    m, n = len(scalars), sum(t.numel() for t in tensors)
     if route == "auto":
-        route = choose_route(stacked, n)
+        route = choose_route(m, n)
     if route not in ("loop", "batched"):
         raise ValueError(f"unknown route {route!r}; valid routes: auto, loop, batched")
     out = torch.empty(m, n, dtype=tensors[0].dtype, device=tensors[0].device)
     if route == "loop":
         for i in range(m):
             keep = retain_graph or i < m - 1
-            grads = torch.autograd.grad(stacked[i], tensors, retain_graph=keep, allow_unused=True)
+            grads = torch.autograd.grad(scalars[i], tensors, retain_graph=keep, allow_unused=True)
             _write_rows(out[i : i + 1], grads, tensors)
         return out
     chunk = _rows_per_chunk(m, n, out.element_size(), max_memory)
+    stacked = torch.stack(scalars)
     eye = torch.eye(m, dtype=stacked.dtype, device=stacked.device)
     for start in range(0, m, chunk):
         stop = min(m, start + chunk)
@@ -220,7 +227,8 @@ def backward(
         The task weights the method used (detached, ``[m]``), or ``None`` for an aggregator
         that has no weights.
     """
-    stacked = stack_losses(losses)
+    scalars = loss_list(losses)
+    stacked = torch.stack(scalars)
     check_finite(stacked)
     if method is None or isinstance(method, LossWeighting):
         if method is None:
@@ -234,27 +242,28 @@ def backward(
     if not isinstance(method, GradientAggregator):
         raise TypeError(f"method must be a LossWeighting or a GradientAggregator, got {method!r}")
     if features is not None:
-        return _aggregate_features(stacked, features, method, route, max_memory, retain_graph)
+        return _aggregate_features(scalars, features, method, route, max_memory, retain_graph)
     if shared is None:
         raise ValueError(
             f"{type(method).__name__} aggregates gradients: give shared=<the shared parameters> "
             "or features=<the shared representation>"
         )
-    return _aggregate_shared(stacked, shared, method, route, max_memory, retain_graph)
+    return _aggregate_shared(scalars, shared, method, route, max_memory, retain_graph)
 
 
 def _aggregate_shared(
-    losses: Tensor,
+    scalars: list[Tensor],
     shared: Inputs,
     method: GradientAggregator,
     route: Route,
     max_memory: int | None,
     retain_graph: bool,
 ) -> Tensor | None:
+    losses = torch.stack(scalars)
     params = _as_list(shared, "shared")
     shared_ids = {id(p) for p in params}
     others = [leaf for leaf in graph_leaves(losses) if id(leaf) not in shared_ids]
-    jac = jacobian(losses, params, route=route, max_memory=max_memory, retain_graph=True)
+    jac = jacobian(scalars, params, route=route, max_memory=max_memory, retain_graph=True)
     method.last_weights = None
     direction = method(jac, losses.detach())
     weights = method.last_weights
@@ -268,15 +277,16 @@ def _aggregate_shared(
 
 
 def _aggregate_features(
-    losses: Tensor,
+    scalars: list[Tensor],
     features: Inputs,
     method: GradientAggregator,
     route: Route,
     max_memory: int | None,
     retain_graph: bool,
 ) -> Tensor | None:
+    losses = torch.stack(scalars)
     reps = _as_list(features, "features")
-    jac = jacobian(losses, reps, route=route, max_memory=max_memory, retain_graph=True)
+    jac = jacobian(scalars, reps, route=route, max_memory=max_memory, retain_graph=True)
     method.last_weights = None
     direction = method(jac, losses.detach())
     weights = method.last_weights

@@ -136,7 +136,7 @@ def method_update(
 ) -> Tensor | None:
     """The backward of one method over ``tasks``: the features route when the context asks for
     it (and the forward returned features), otherwise the shared parameters."""
-    losses = result.stacked(tasks)
+    losses = [result.losses[t] for t in tasks]  # a list, not a stack: see autograd.loss_list
     features = result.features if context.rep_grad else None
     return backward(losses, shared=shared, method=method, features=features, route=context.route)
 
