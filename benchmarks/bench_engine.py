@@ -259,7 +259,7 @@ def main() -> None:
         "--budget",
         type=float,
         help="seconds per cell and part within which fast cells take more samples "
-        "(default 8, quick 1; 0: exactly --repeats)",
+        "(default 6, quick 1; 0: exactly --repeats)",
     )
     parser.add_argument("--tasks", type=int, nargs="+", help="values of m (default 2 5 10 40)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -267,7 +267,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     args.repeats = args.repeats or (5 if args.quick else 15)
-    args.budget = (1.0 if args.quick else 8.0) if args.budget is None else args.budget
+    args.budget = (1.0 if args.quick else 6.0) if args.budget is None else args.budget
     args.warmup = 2 if args.quick else 3
     tasks = args.tasks or ([2, 10] if args.quick else [2, 5, 10, 40])
     device = torch.device(args.device)

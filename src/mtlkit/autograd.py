@@ -94,11 +94,10 @@ def graph_leaves(losses: Tensor) -> list[Tensor]:
 
 
 def choose_route(num_tasks: int, n: int) -> Literal["loop", "batched"]:
-    """The measured-fastest route. With torch 2.13 on CPU the loop wins for every model
-    measured (MLP 784-512-512-256 at batch 256: loop 10.9/30 ms vs batched 11.1/36.5 ms at
-    m = 2/5, and 2x faster at m = 10-40; CNNs 1.8-2x faster), because the batched route runs each
-    head's backward for all m cotangents and falls back to per-sample loops in the losses'
-    backward kernels. ``benchmarks/bench_engine.py`` re-measures both."""
+    """The measured-fastest route: the loop, for every model measured with torch 2.13 on
+    2 CPU cores (``benchmarks/bench_engine.py``): batched ÷ loop was 0.99-1.14 for an MLP
+    784-512-512-256 at m = 2-10 tasks and 1.75 at m = 40, 1.07-1.9 for a 3-layer CNN, because
+    the batched route runs the losses' backward kernels through slow vmap fallbacks."""
     del num_tasks, n
     return "loop"
 
