@@ -73,6 +73,17 @@ def test_user_errors_are_one_line_with_exit_code_2(argv, message, capsys):
     assert "Traceback" not in err and err.count("\n") == 1
 
 
+def test_overrides_may_come_before_and_after_flags(capsys):
+    assert main(["train", "lr=0.5", "--seed", "3", "batch_size=7", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["lr"], printed["seed"], printed["batch_size"]) == (0.5, 3, 7)
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--seed", "3", "--bogus"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["list", "lr=1"])
+
+
 def test_config_file_overrides_and_print_config(tmp_path, capsys):
     path = tmp_path / "exp.yaml"
     path.write_text("method: uw\nmethod_args: {forms: classification}\nepochs: 3\n")

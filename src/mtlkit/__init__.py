@@ -9,9 +9,17 @@ from mtlkit import methods
 from mtlkit.architectures import HPS
 from mtlkit.autograd import backward, gramian, jacobian
 from mtlkit.errors import ConfigError, MtlkitError, NonFiniteError, UnknownNameError
+from mtlkit.groups import RandomGroups
 from mtlkit.metrics import Accuracy, MeanAbsoluteError, MeanSquaredError, Metric, delta_m
 from mtlkit.optim import optimizer
-from mtlkit.strategies import ForwardResult, Joint, StepReport, Strategy, StrategyContext
+from mtlkit.strategies import (
+    Alternating,
+    ForwardResult,
+    Joint,
+    StepReport,
+    Strategy,
+    StrategyContext,
+)
 from mtlkit.tasks import Task
 from mtlkit.trainer import Budget, Trainer
 
@@ -20,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "HPS",
     "Accuracy",
+    "Alternating",
     "Budget",
     "ConfigError",
     "ForwardResult",
@@ -29,6 +38,7 @@ __all__ = [
     "Metric",
     "MtlkitError",
     "NonFiniteError",
+    "RandomGroups",
     "StepReport",
     "Strategy",
     "StrategyContext",

@@ -71,7 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come before or after flags: collect the ones argparse leaves over.
+    args, rest = parser.parse_known_args(argv)
+    stray = [item for item in rest if item.startswith("-") or "=" not in item]
+    if stray or (rest and args.command != "train"):
+        parser.error(f"unrecognized arguments: {' '.join(stray or rest)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
     try:
         if args.command == "list":
             print(list_registered())
@@ -124,7 +131,7 @@ def run(config: TrainConfig, out_dir: Path | None) -> Results:
     torch.manual_seed(config.seed)
     problem: Problem = DATASETS.get(config.data, seed=config.seed, **config.data_args)
     method = METHODS.get(config.method, **config.method_args)
-    strategy = STRATEGIES.get(config.strategy, method=method)
+    strategy = STRATEGIES.get(config.strategy, method=method, **config.strategy_args)
     model = build(
         config.arch,
         problem.input_shape,
@@ -153,6 +160,7 @@ def run(config: TrainConfig, out_dir: Path | None) -> Results:
         out_dir=out_dir,
         config=config.to_dict(),
         progress=config.progress,
+        track_exploration=config.track_exploration,
     )
     loaders = make_loaders(problem, config)
     if out_dir is not None:

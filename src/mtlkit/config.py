@@ -33,6 +33,7 @@ class TrainConfig:
     method: str = "ew"
     method_args: dict[str, Any] = field(default_factory=dict)
     strategy: str = "joint"
+    strategy_args: dict[str, Any] = field(default_factory=dict)
     optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -49,6 +50,7 @@ class TrainConfig:
     select: str = "loss"
     out: str | None = None
     progress: bool = True
+    track_exploration: bool = True
     workers: int = 0
 
     def __post_init__(self) -> None:

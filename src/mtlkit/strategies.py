@@ -13,14 +13,17 @@ one forward, one combined backward, one optimizer step per batch.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from mtlkit.autograd import Route, backward
+from mtlkit.errors import ConfigError
+from mtlkit.groups import GroupSchedule, GroupSpec, RandomGroups, Resample
 from mtlkit.methods import EW, Method
 from mtlkit.registry import Registry
 
@@ -65,6 +68,8 @@ class StrategyContext:
         rep_grad: differentiate w.r.t. the shared representation (features route).
         route: Jacobian route for gradient aggregators (see :func:`mtlkit.jacobian`).
         device: where the model lives; methods are moved there.
+        on_optimizer_step: to call right after every optimizer step (the Trainer measures the
+            path travelled by the shared parameters with it).
     """
 
     model: MultiTaskModel
@@ -73,6 +78,7 @@ class StrategyContext:
     rep_grad: bool = False
     route: Route = "auto"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    on_optimizer_step: Callable[[], None] = field(default=lambda: None)
 
 
 @dataclass
@@ -83,11 +89,15 @@ class StepReport:
         losses: each task's loss at the first forward pass of the batch.
         weights: each task's weight as the method decided (absent for weightless aggregators).
         steps: optimizer steps taken.
+        backwards: backward passes through the shared part of the model (a gradient aggregator
+            on the parameter route takes one per task; forward passes are counted by the
+            Trainer, one per ``compute_losses`` call).
     """
 
     losses: dict[str, float]
     weights: dict[str, float]
     steps: int
+    backwards: int = 1
 
 
 class Strategy:
@@ -133,12 +143,25 @@ def method_update(
     method: Method,
     shared: Sequence[nn.Parameter],
     context: StrategyContext,
-) -> Tensor | None:
+) -> tuple[dict[str, float], int]:
     """The backward of one method over ``tasks``: the features route when the context asks for
-    it (and the forward returned features), otherwise the shared parameters."""
+    it (and the forward returned features), otherwise the shared parameters.
+
+    Returns:
+        The task weights the method used (empty for weightless aggregators) and the number of
+        backward passes through the shared part of the model.
+    """
     losses = [result.losses[t] for t in tasks]  # a list, not a stack: see autograd.loss_list
     features = result.features if context.rep_grad else None
-    return backward(losses, shared=shared, method=method, features=features, route=context.route)
+    weights = backward(losses, shared=shared, method=method, features=features, route=context.route)
+    per_task = method.kind == "gradient" and features is None and len(tasks) > 1
+    named = {} if weights is None else dict(zip(tasks, weights.tolist()))
+    return named, len(tasks) if per_task else 1
+
+
+def first_losses(result: ForwardResult) -> dict[str, float]:
+    """The task losses of a forward pass as floats, for the step report."""
+    return {t: float(v.detach()) for t, v in result.losses.items()}
 
 
 def losses_after_step(
@@ -181,14 +204,11 @@ class Joint(Strategy):
         self.method.before_step(step)
         self.optimizer.zero_grad(set_to_none=True)
         result = compute_losses(batch)
-        weights = method_update(result, context.tasks, self.method, self.shared, context)
+        weights, backwards = method_update(result, context.tasks, self.method, self.shared, context)
         self.optimizer.step()
+        context.on_optimizer_step()
         self.method.after_step(losses_after_step(self.method, batch, compute_losses, context.tasks))
-        return StepReport(
-            losses={t: float(result.losses[t].detach()) for t in context.tasks},
-            weights={} if weights is None else dict(zip(context.tasks, weights.tolist())),
-            steps=1,
-        )
+        return StepReport(first_losses(result), weights, steps=1, backwards=backwards)
 
     def methods(self) -> list[Method]:
         return [self.method]
@@ -215,3 +235,275 @@ class Joint(Strategy):
         if self.context is None:
             raise RuntimeError("call setup(context) before using the strategy")
         return self.context
+
+
+OptimizerMode = Literal["shared", "per_group"]
+LrScaling = Literal["none", "sqrt", "linear"]
+SharedDecay = Literal["per_step", "per_batch"]
+
+
+class Alternating(Strategy):
+    """Independent task-specific steps (Pascal et al., 2021, "Optimization Strategies in
+    Multi-Task Learning: Averaged or Independent Losses?").
+
+    For each mini-batch and each task group ``g`` in turn, on the *same* batch: a forward pass
+    with the current weights (so every step sees the previous steps' updates), the backward of
+    that group's loss only (the sum of its tasks' losses, or ``method``'s combination of them),
+    and an optimizer step. With ``G`` groups the shared parameters take ``G`` steps per batch.
+
+    * ``optimizers="shared"``: one optimizer state for everything (the paper's "IUS").
+    * ``optimizers="per_group"``: one optimizer state per group, over the shared parameters and
+      that group's heads (the paper's "IO": one Adam per task), each built by the Trainer's
+      factory, so any ``torch.optim`` optimizer and scheduler works. Needs fixed groups.
+
+    Idle heads never move: before each group's step the gradients are reset to ``None``, and
+    ``torch.optim`` optimizers skip parameters without a gradient, so momentum does not carry a
+    head that did not take part in the step. (The paper's code zero-filled the gradients, so
+    Adam kept moving idle heads by momentum; this is a deliberate difference.)
+
+    Weight decay: with ``shared_decay="per_step"`` (default) the optimizer decays the shared
+    parameters at each of their ``G`` steps per batch, as the paper's code does; with
+    ``"per_batch"`` their weight decay is divided by ``G`` so that they decay about as much per
+    batch as under the averaged objective (heads take one step per batch either way).
+
+    Args:
+        method: how a group of several tasks is combined (EW, the sum, by default); one copy
+            per group, so stateful methods keep per-group state.
+        groups: ``"each"`` (one task per group, the default), a list of task-name lists, or
+            :class:`~mtlkit.groups.RandomGroups`.
+        optimizers: ``"shared"`` or ``"per_group"``.
+        order: ``"fixed"`` (the groups' order, as in the paper) or ``"random"`` (redrawn each
+            batch).
+        lr_scaling: multiply every learning rate by ``1/sqrt(G)`` (``"sqrt"``) or ``1/G``
+            (``"linear"``); ``"none"`` by default. The paper retuned the learning rate as ``G``
+            grew (1e-3 for one step, 5e-4 for 4-8 steps, 1e-4 for 40 steps per batch on CelebA).
+        shared_decay: ``"per_step"`` or ``"per_batch"`` (see above).
+        seed: seed of the random order.
+    """
+
+    name = "alternating"
+
+    def __init__(
+        self,
+        method: Method | None = None,
+        groups: GroupSpec = "each",
+        optimizers: OptimizerMode = "shared",
+        order: Literal["fixed", "random"] = "fixed",
+        lr_scaling: LrScaling = "none",
+        shared_decay: SharedDecay = "per_step",
+        seed: int = 0,
+    ) -> None:
+        for value, name, valid in [
+            (optimizers, "optimizers", ("shared", "per_group")),
+            (order, "order", ("fixed", "random")),
+            (lr_scaling, "lr_scaling", ("none", "sqrt", "linear")),
+            (shared_decay, "shared_decay", ("per_step", "per_batch")),
+        ]:
+            if value not in valid:
+                raise ConfigError(
+                    f"Alternating {name} must be one of {', '.join(valid)}; got {value!r}"
+                )
+        self.prototype = method if method is not None else EW()
+        self.group_spec = groups
+        self.optimizer_mode = optimizers
+        self.order = order
+        self.lr_scaling = lr_scaling
+        self.shared_decay = shared_decay
+        self.seed = seed
+        self.context: StrategyContext | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"Alternating({self.prototype!r}, groups={self.group_spec!r}, "
+            f"optimizers={self.optimizer_mode!r}, order={self.order!r}, "
+            f"lr_scaling={self.lr_scaling!r}, shared_decay={self.shared_decay!r})"
+        )
+
+    # ----------------------------------------------------------------- setup
+    def setup(self, context: StrategyContext) -> None:
+        self.context = context
+        self.schedule = GroupSchedule(self.group_spec, context.tasks)
+        groups = self.schedule.groups
+        if self.schedule.resample != "never":
+            if self.optimizer_mode == "per_group":
+                raise ConfigError(
+                    "optimizers='per_group' needs fixed groups (a group's optimizer state belongs "
+                    "to its tasks); use RandomGroups(resample='never') or optimizers='shared'"
+                )
+            if list(self.prototype.parameters()):
+                raise ConfigError(
+                    f"{type(self.prototype).__name__} has learnable per-task state, which needs "
+                    "fixed groups; use RandomGroups(resample='never')"
+                )
+        self.group_methods = [copy.deepcopy(self.prototype) for _ in groups]
+        for method, group in zip(self.group_methods, groups):
+            method.setup(len(group))
+            method.to(context.device)
+        self.order_generator = torch.Generator().manual_seed(self.seed)
+        model = context.model
+        self.shared = list(model.shared_parameters())
+        heads = {t: list(model.task_parameters(t)) for t in context.tasks}
+        _check_coverage(model, self.shared, heads)
+        decay_scale = 1.0 / len(groups) if self.shared_decay == "per_batch" else 1.0
+        if self.optimizer_mode == "shared":
+            rest = [p for t in context.tasks for p in heads[t]]
+            rest += [p for m in self.group_methods for p in m.parameters()]
+            built = [_build(context.optimizer_factory, self.shared, rest, decay_scale)]
+        else:
+            built = [
+                _build(
+                    context.optimizer_factory,
+                    self.shared,
+                    [p for t in group for p in heads[t]] + list(method.parameters()),
+                    decay_scale,
+                )
+                for group, method in zip(groups, self.group_methods)
+            ]
+        self.optimizers = [opt for opt, _ in built]
+        self.lr_schedulers = [sched for _, sched in built if sched is not None]
+        scale = {"none": 1.0, "sqrt": len(groups) ** -0.5, "linear": 1.0 / len(groups)}
+        for opt, sched in built:
+            _scale_learning_rate(opt, sched, scale[self.lr_scaling])
+
+    # ------------------------------------------------------------------ step
+    def step(self, batch: Any, compute_losses: ComputeLosses, step: int) -> StepReport:
+        context = self._require_setup()
+        if self.schedule.maybe_resample("step"):
+            self._reset_group_methods()
+        groups = self.schedule.groups
+        order = list(range(len(groups)))
+        if self.order == "random":
+            order = torch.randperm(len(groups), generator=self.order_generator).tolist()
+        report_losses: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        backwards = 0
+        for offset, g in enumerate(order):
+            group, method = groups[g], self.group_methods[g]
+            optimizer = self.optimizers[0 if self.optimizer_mode == "shared" else g]
+            method.before_step(step + offset)
+            optimizer.zero_grad(set_to_none=True)
+            result = compute_losses(batch)
+            if not report_losses:
+                report_losses = first_losses(result)
+            group_weights, passes = method_update(result, group, method, self.shared, context)
+            optimizer.step()
+            context.on_optimizer_step()
+            method.after_step(losses_after_step(method, batch, compute_losses, group))
+            weights.update(group_weights)
+            backwards += passes
+        return StepReport(report_losses, weights, steps=len(groups), backwards=backwards)
+
+    def on_epoch_end(self, epoch: int) -> None:
+        super().on_epoch_end(epoch)
+        if self.schedule.maybe_resample("epoch"):
+            self._reset_group_methods()
+
+    def _reset_group_methods(self) -> None:
+        for method, group in zip(self.group_methods, self.schedule.groups):
+            method.reset()
+            method.setup(len(group))
+
+    # ------------------------------------------------------------- plumbing
+    @property
+    def groups(self) -> list[list[str]]:
+        """The current task groups."""
+        return self.schedule.groups
+
+    def methods(self) -> list[Method]:
+        return list(self.group_methods)
+
+    def schedulers(self) -> list[Scheduler]:
+        return list(self.lr_schedulers)
+
+    def state_dict(self) -> dict[str, Any]:
+        self._require_setup()
+        return {
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.lr_schedulers],
+            "methods": [m.state_dict() for m in self.group_methods],
+            "groups": self.schedule.state_dict(),
+            "order_generator": self.order_generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._require_setup()
+        self.schedule.load_state_dict(state["groups"])
+        for obj, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            obj.load_state_dict(saved)
+        for obj, saved in zip(self.lr_schedulers, state["schedulers"], strict=True):
+            obj.load_state_dict(saved)
+        for obj, saved in zip(self.group_methods, state["methods"], strict=True):
+            obj.load_state_dict(saved)
+        self.order_generator.set_state(state["order_generator"])
+
+    def _require_setup(self) -> StrategyContext:
+        if self.context is None:
+            raise RuntimeError("call setup(context) before using the strategy")
+        return self.context
+
+
+@STRATEGIES.register("alternating")
+def alternating(
+    method: Method | None = None,
+    groups: str | list[list[str]] = "each",
+    group_size: int | None = None,
+    resample: Resample = "never",
+    group_seed: int = 0,
+    optimizers: OptimizerMode = "shared",
+    order: Literal["fixed", "random"] = "fixed",
+    lr_scaling: LrScaling = "none",
+    shared_decay: SharedDecay = "per_step",
+    seed: int = 0,
+) -> Alternating:
+    """:class:`Alternating` from plain values (CLI and configs): ``group_size=s`` draws
+    :class:`~mtlkit.groups.RandomGroups` of ``s`` tasks (``resample``, ``group_seed``)."""
+    if group_size is not None:
+        if groups != "each":
+            raise ConfigError("give either groups or group_size, not both")
+        spec: GroupSpec = RandomGroups(group_size, resample, group_seed)
+    elif resample != "never":
+        raise ConfigError("resample needs group_size (random groups)")
+    else:
+        spec = groups
+    return Alternating(method, spec, optimizers, order, lr_scaling, shared_decay, seed)
+
+
+def _check_coverage(
+    model: MultiTaskModel, shared: list[nn.Parameter], heads: dict[str, list[nn.Parameter]]
+) -> None:
+    """Every trainable parameter of the model must be shared or belong to a task."""
+    covered = {id(p) for p in shared} | {id(p) for ps in heads.values() for p in ps}
+    orphans = [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
+    if orphans:
+        shapes = [tuple(p.shape) for p in orphans]
+        raise ConfigError(
+            f"{len(orphans)} trainable parameter(s) (shapes {shapes}) are neither in "
+            "shared_parameters() nor in any task_parameters(task); alternating steps would "
+            "never update them"
+        )
+
+
+def _build(
+    factory: OptimizerFactory, shared: list[nn.Parameter], rest: list[nn.Parameter], decay: float
+) -> tuple[torch.optim.Optimizer, Scheduler | None]:
+    """An optimizer over ``shared + rest``; with ``decay != 1`` the shared parameters are a
+    parameter group of their own whose weight decay is multiplied by ``decay``."""
+    if decay == 1.0:
+        return factory(shared + rest)
+    optimizer, scheduler = factory([{"params": shared}, {"params": rest}])  # type: ignore[list-item]
+    optimizer.param_groups[0]["weight_decay"] = (
+        optimizer.param_groups[0].get("weight_decay", 0.0) * decay
+    )
+    return optimizer, scheduler
+
+
+def _scale_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any, scale: float) -> None:
+    """Multiply every learning rate (and the scheduler's base rates) by ``scale``."""
+    if scale == 1.0:
+        return
+    for group in optimizer.param_groups:
+        group["lr"] *= scale
+        if "initial_lr" in group:
+            group["initial_lr"] *= scale
+    if scheduler is not None and hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [lr * scale for lr in scheduler.base_lrs]

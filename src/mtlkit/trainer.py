@@ -29,6 +29,7 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice p
 
 from mtlkit.autograd import Route
 from mtlkit.data.multi_input import MultiInputLoader
+from mtlkit.diagnostics import ExplorationTracker, exploration_parameters
 from mtlkit.errors import MtlkitError, NonFiniteError
 from mtlkit.logging import CsvLog, write_json_atomic
 from mtlkit.optim import OptimizerFactory
@@ -102,6 +103,9 @@ class Trainer:
         out_dir: where to write logs and the summary; ``None`` writes nothing.
         config: a JSON-able description of the run, stored in ``summary.json``.
         progress: show a progress bar per epoch.
+        track_exploration: measure the path length and the distance from the initialisation
+            of the shared parameters (heads and normalisation layers excluded) at every
+            optimizer step; costs a few passes over the shared parameters per step.
     """
 
     def __init__(
@@ -120,6 +124,7 @@ class Trainer:
         out_dir: str | Path | None = None,
         config: Mapping[str, Any] | None = None,
         progress: bool = True,
+        track_exploration: bool = True,
     ) -> None:
         self.tasks = list(tasks)
         names = [t.name for t in self.tasks]
@@ -145,7 +150,11 @@ class Trainer:
                 f"rep_grad needs a model with one shared representation; "
                 f"{type(model).__name__} does not offer one (has_shared_representation is false)"
             )
+        shared = exploration_parameters(model, model.shared_parameters())
+        self.exploration = ExplorationTracker(shared) if track_exploration else None
         self.progress = Progress()
+        self.backwards = 0
+        self._batches_seen = 0
         self.results: dict[str, Results] = {}
         self.best_epoch: int | None = None
         self._setup_done = False
@@ -168,6 +177,7 @@ class Trainer:
                     rep_grad=self.rep_grad,
                     route=self.route,
                     device=self.device,
+                    on_optimizer_step=self.exploration.on_step if self.exploration else _no_op,
                 )
             )
             self._setup_done = True
@@ -177,14 +187,19 @@ class Trainer:
         try:
             while not self._budget_spent():
                 self.progress.epoch += 1
-                train_losses = self._train_epoch(train, logs, start)
+                before = (self.progress.passes, self.backwards, self.progress.seconds)
+                train_losses, batches = self._train_epoch(train, logs, start)
                 self.strategy.on_epoch_end(self.progress.epoch)
                 row: dict[str, Any] = {
                     "epoch": self.progress.epoch,
                     "steps": self.progress.steps,
                     "passes": self.progress.passes,
                     "seconds": self.progress.seconds,
+                    "epoch_seconds": self.progress.seconds - before[2],
+                    "forwards_per_batch": (self.progress.passes - before[0]) / max(1, batches),
+                    "backwards_per_batch": (self.backwards - before[1]) / max(1, batches),
                 }
+                row.update(self.exploration_metrics())
                 row.update({f"train/{t}/loss": v for t, v in train_losses.items()})
                 if val is not None:
                     val_results = self.evaluate(val, split="val", write=False)
@@ -230,8 +245,10 @@ class Trainer:
                     f"batch {index}, step {self.progress.steps}"
                 ) from error
             self.progress.steps += report.steps
+            self.backwards += report.backwards
             self.progress.seconds = time.perf_counter() - start
             batches += 1
+            self._batches_seen += 1
             for t, value in report.losses.items():
                 sums[t] += value
             if logs:
@@ -244,7 +261,7 @@ class Trainer:
             if self._budget_spent(within_epoch=True):
                 break
         bar.close()
-        return {t: s / max(1, batches) for t, s in sums.items()}
+        return {t: s / max(1, batches) for t, s in sums.items()}, batches
 
     def _compute_losses(self, batch: Any) -> ForwardResult:
         """One forward pass: the loss of every task (and the features for ``rep_grad``)."""
@@ -283,6 +300,15 @@ class Trainer:
         # Inside an epoch only the step, pass and time limits can end it early.
         epochs = 0 if within_epoch else p.epoch
         return self.budget.spent(epochs, p.steps, p.passes, p.seconds)
+
+    def exploration_metrics(self) -> dict[str, float]:
+        """Path length and distance from the initialisation of the shared parameters."""
+        if self.exploration is None:
+            return {}
+        return {
+            "path_length": self.exploration.path_length(),
+            "distance_from_init": self.exploration.distance_from_init(),
+        }
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -351,7 +377,10 @@ class Trainer:
     def _open_logs(self) -> dict[str, CsvLog] | None:
         if self.out_dir is None:
             return None
-        metric_cols = ["epoch", "steps", "passes", "seconds"]
+        metric_cols = ["epoch", "steps", "passes", "seconds", "epoch_seconds"]
+        metric_cols += ["forwards_per_batch", "backwards_per_batch"]
+        if self.exploration is not None:
+            metric_cols += ["path_length", "distance_from_init"]
         metric_cols += [f"train/{t}/loss" for t in self.task_names]
         metric_cols += [f"val/{t.name}/{m}" for t in self.tasks for m in ["loss", *t.metrics]]
         step_cols = ["step", "epoch"] + [f"loss/{t}" for t in self.task_names]
@@ -364,6 +393,7 @@ class Trainer:
     def summary(self) -> dict[str, Any]:
         """The run's configuration, results per split and cost."""
         p = self.progress
+        batches = self._batches_seen
         return {
             "config": self.config,
             "tasks": self.task_names,
@@ -377,7 +407,10 @@ class Trainer:
                 "passes": p.passes,
                 "seconds": p.seconds,
                 "seconds_per_epoch": p.seconds / p.epoch if p.epoch else None,
+                "forwards_per_batch": p.passes / batches if batches else None,
+                "backwards_per_batch": self.backwards / batches if batches else None,
                 "peak_memory_mb": peak_memory_mb(self.device),
+                **self.exploration_metrics(),
             },
         }
 
@@ -428,3 +461,7 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _no_op() -> None:
+    pass

@@ -1,0 +1,111 @@
+"""Task groups for alternating strategies: one task per group, explicit groups, or random groups.
+
+Pascal et al. (2021) split the tasks at random into groups of size ``s`` once, at the start, and
+keep them; a group's loss is the sum of its tasks' losses (or a method's combination of them).
+Alternating over ``G = ceil(m / s)`` groups costs about ``G`` forward/backward passes per batch,
+so ``s`` trades the benefit of independent steps against compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import torch
+
+from mtlkit.errors import ConfigError
+
+Resample = Literal["never", "epoch", "step"]
+
+
+@dataclass(frozen=True)
+class RandomGroups:
+    """Random groups of ``size`` tasks (the last one smaller when ``size`` does not divide the
+    number of tasks), drawn with a seeded generator.
+
+    Args:
+        size: tasks per group (``>= 1``).
+        resample: draw new groups ``"never"`` (once, at the start: the paper), at every
+            ``"epoch"``, or at every ``"step"`` (batch).
+        seed: seed of the draws.
+    """
+
+    size: int
+    resample: Resample = "never"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise ConfigError(f"RandomGroups size must be an integer >= 1, got {self.size!r}")
+        if self.resample not in ("never", "epoch", "step"):
+            raise ConfigError(
+                f"RandomGroups resample must be never, epoch or step; got {self.resample!r}"
+            )
+
+    def draw(self, tasks: Sequence[str], generator: torch.Generator) -> list[list[str]]:
+        """A random partition of ``tasks`` into groups of ``size`` (order of tasks within a group
+        follows ``tasks``)."""
+        order = torch.randperm(len(tasks), generator=generator).tolist()
+        chunks = [order[i : i + self.size] for i in range(0, len(order), self.size)]
+        return [[tasks[i] for i in sorted(chunk)] for chunk in chunks]
+
+
+GroupSpec = Union[str, Sequence[Sequence[str]], RandomGroups]  # noqa: UP007 (runtime alias, py3.10)
+
+
+def check_partition(groups: Sequence[Sequence[str]], tasks: Sequence[str]) -> list[list[str]]:
+    """``groups`` as lists, checked to be a partition of ``tasks`` into non-empty groups."""
+    groups = [list(g) for g in groups]
+    flat = [t for g in groups for t in g]
+    unknown = sorted(set(flat) - set(tasks))
+    if unknown:
+        raise ConfigError(f"groups name unknown task(s) {unknown}; tasks: {list(tasks)}")
+    repeated = sorted({t for t in flat if flat.count(t) > 1})
+    if repeated:
+        raise ConfigError(f"task(s) {repeated} appear in more than one group")
+    missing = [t for t in tasks if t not in flat]
+    if missing:
+        raise ConfigError(f"task(s) {missing} are in no group; every task needs one")
+    if any(not g for g in groups):
+        raise ConfigError("groups must not be empty")
+    return groups
+
+
+class GroupSchedule:
+    """The current task groups of a run, redrawn when a :class:`RandomGroups` asks for it."""
+
+    def __init__(self, spec: GroupSpec, tasks: Sequence[str]) -> None:
+        self.spec = spec
+        self.tasks = list(tasks)
+        self.generator = torch.Generator()
+        if isinstance(spec, RandomGroups):
+            self.generator.manual_seed(spec.seed)
+            self.groups = spec.draw(self.tasks, self.generator)
+        elif isinstance(spec, str):
+            if spec != "each":
+                raise ConfigError(
+                    f"groups must be 'each', a list of task lists or RandomGroups; got {spec!r}"
+                )
+            self.groups = [[t] for t in self.tasks]
+        else:
+            self.groups = check_partition(spec, self.tasks)
+
+    @property
+    def resample(self) -> Resample:
+        return self.spec.resample if isinstance(self.spec, RandomGroups) else "never"
+
+    def maybe_resample(self, event: Literal["epoch", "step"]) -> bool:
+        """Draw new groups if the spec resamples at ``event``; return whether it did."""
+        if self.resample != event:
+            return False
+        assert isinstance(self.spec, RandomGroups)
+        self.groups = self.spec.draw(self.tasks, self.generator)
+        return True
+
+    def state_dict(self) -> dict[str, object]:
+        return {"groups": self.groups, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.groups = check_partition(state["groups"], self.tasks)  # type: ignore[arg-type]
+        self.generator.set_state(state["generator"])  # type: ignore[arg-type]
