@@ -156,6 +156,7 @@ class Trainer:
         self.backwards = 0
         self._batches_seen = 0
         self.results: dict[str, Results] = {}
+        self.history: list[dict[str, Any]] = []  # the rows of metrics.csv, one per epoch
         self.best_epoch: int | None = None
         self._setup_done = False
 
@@ -208,6 +209,7 @@ class Trainer:
                     if score < best_score:
                         best_score, self.best_epoch = score, self.progress.epoch
                         best_state = copy.deepcopy(self.model.state_dict())
+                self.history.append(row)
                 if logs:
                     logs["metrics"].append(row)
                     logs["metrics"].flush()
