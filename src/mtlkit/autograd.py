@@ -22,9 +22,13 @@ import torch
 from torch import Tensor
 
 from mtlkit.errors import NonFiniteError
-from mtlkit.methods.base import GradientAggregator, LossWeighting, Method
+from mtlkit.gramian_engine import LayerCapture
+from mtlkit.methods.base import GradientAggregator, GramianWeighting, LossWeighting, Method
 
 Route = Literal["auto", "loop", "batched"]
+StepRoute = Literal["auto", "loop", "batched", "gramian"]
+"""Routes of a training step: the Jacobian routes, or ``"gramian"`` (the layer-wise Gramian of
+:mod:`mtlkit.gramian_engine`, for Gramian weightings on the parameter route)."""
 Losses = Sequence[Tensor] | Tensor
 Inputs = Tensor | Iterable[Tensor]
 
@@ -199,6 +203,7 @@ def backward(
     route: Route = "auto",
     max_memory: int | None = None,
     retain_graph: bool = False,
+    capture: LayerCapture | None = None,
 ) -> Tensor | None:
     """Multi-task backward: fill ``.grad`` (accumulating, like ``Tensor.backward``).
 
@@ -212,6 +217,10 @@ def backward(
     * A gradient aggregator with ``features=z``: the Jacobian is taken w.r.t. ``z`` and the
       combined direction flows back through the encoder in the same pass that gives the heads
       the gradient of ``Σ_i w_i L_i``.
+    * A Gramian weighting with ``capture=`` (a :class:`~mtlkit.gramian_engine.LayerCapture` on
+      the shared layers, registered before the forward): the Gramian ``J Jᵀ`` is formed layer by
+      layer from activations, ``J`` never exists, and the update is one backward of
+      ``Σ_i w_i L_i`` (the Gramian route; cheapest on the parameter route).
 
     Args:
         losses: m scalar task losses (or a ``[m]`` tensor).
@@ -221,6 +230,8 @@ def backward(
             one tensor per task.
         route, max_memory: see :func:`jacobian`.
         retain_graph: keep the graph after the backward.
+        capture: the layer capture of the Gramian route (parameter route only; the method must
+            be a :class:`~mtlkit.methods.GramianWeighting`).
 
     Returns:
         The task weights the method used (detached, ``[m]``), or ``None`` for an aggregator
@@ -240,6 +251,15 @@ def backward(
         return weights.detach()
     if not isinstance(method, GradientAggregator):
         raise TypeError(f"method must be a LossWeighting or a GradientAggregator, got {method!r}")
+    if capture is not None:
+        if not isinstance(method, GramianWeighting) or features is not None or shared is None:
+            raise ValueError(
+                "capture= (the Gramian route) needs a GramianWeighting method on the parameter "
+                f"route (shared=..., no features=); got {type(method).__name__}"
+                + (" with features" if features is not None else "")
+                + (" without shared" if shared is None else "")
+            )
+        return _aggregate_gramian(scalars, shared, method, capture, retain_graph)
     if features is not None:
         return _aggregate_features(scalars, features, method, route, max_memory, retain_graph)
     if shared is None:
@@ -273,6 +293,23 @@ def _aggregate_shared(
         )
     _accumulate(params, direction)
     return None if weights is None else weights.detach()
+
+
+def _aggregate_gramian(
+    scalars: list[Tensor],
+    shared: Inputs,
+    method: GramianWeighting,
+    capture: LayerCapture,
+    retain_graph: bool,
+) -> Tensor:
+    losses = torch.stack(scalars)
+    params = _as_list(shared, "shared")
+    gram = capture.gramian(scalars, params)
+    method.last_weights = None
+    weights = method.weights(gram, losses.detach()).to(losses.dtype).detach()
+    method.last_weights = weights
+    (weights * losses).sum().backward(retain_graph=retain_graph)
+    return weights
 
 
 def _aggregate_features(

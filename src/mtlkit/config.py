@@ -79,8 +79,10 @@ class TrainConfig:
             )
         if self.workers < 0:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
-        if self.route not in ("auto", "loop", "batched"):
-            raise ConfigError(f"route must be one of auto, loop, batched; got {self.route!r}")
+        if self.route not in ("auto", "loop", "batched", "gramian"):
+            raise ConfigError(
+                f"route must be one of auto, loop, batched, gramian; got {self.route!r}"
+            )
         if all(getattr(self, k) is None for k in ("epochs", "steps", "passes", "seconds")):
             raise ConfigError("set at least one budget: epochs, steps, passes or seconds")
         if self.tasks is not None:

@@ -21,11 +21,12 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from mtlkit.autograd import Route, backward, jacobian
+from mtlkit.autograd import StepRoute, backward, jacobian
 from mtlkit.errors import ConfigError
+from mtlkit.gramian_engine import LayerCapture
 from mtlkit.groups import GroupSchedule, GroupSpec, RandomGroups, Resample
 from mtlkit.methods import EW, Method
-from mtlkit.methods.base import StepProbe
+from mtlkit.methods.base import GramianWeighting, StepProbe
 from mtlkit.registry import Registry
 
 Scheduler = Any  # torch.optim.lr_scheduler.LRScheduler or anything with step()/state_dict()
@@ -70,7 +71,9 @@ class StrategyContext:
         optimizer_factory: ``params -> (optimizer, scheduler or None)``; call it once per
             optimizer state the strategy needs.
         rep_grad: differentiate w.r.t. the shared representation (features route).
-        route: Jacobian route for gradient aggregators (see :func:`mtlkit.jacobian`).
+        route: route of gradient aggregators: a Jacobian route (see :func:`mtlkit.jacobian`) or
+            ``"gramian"`` (the layer-wise Gramian of :mod:`mtlkit.gramian_engine`, for Gramian
+            weightings on the parameter route; the context then holds its ``capture``).
         device: where the model lives; methods are moved there.
         on_optimizer_step: to call right after every optimizer step (the Trainer measures the
             path travelled by the shared parameters with it).
@@ -83,10 +86,22 @@ class StrategyContext:
     tasks: list[str]
     optimizer_factory: OptimizerFactory
     rep_grad: bool = False
-    route: Route = "auto"
+    route: StepRoute = "auto"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     on_optimizer_step: Callable[[], None] = field(default=lambda: None)
     draw_batches: Callable[[int], list[Any]] = field(default=lambda count: _no_batches(count))
+    capture: LayerCapture | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.route == "gramian" and not self.rep_grad:
+            self.capture = LayerCapture(
+                self.model, shared=self.model.shared_parameters(), verify=True
+            )
+
+    @property
+    def jacobian_route(self) -> str:
+        """The route of the Jacobians that are still formed (extra batches)."""
+        return "auto" if self.route == "gramian" else self.route
 
 
 def _no_batches(count: int) -> list[Any]:
@@ -98,6 +113,18 @@ def _no_batches(count: int) -> list[Any]:
 
 def check_method(method: Method, context: StrategyContext) -> None:
     """Reject method x gradient-route combinations that cannot work, before training."""
+    if context.route == "gramian" and method.kind == "gradient":
+        if context.rep_grad:
+            raise ConfigError(
+                "route=gramian is a parameter-route engine; with rep_grad=true the Jacobian "
+                "w.r.t. the features is already small: use route=auto"
+            )
+        if not isinstance(method, GramianWeighting):
+            raise ConfigError(
+                f"route=gramian needs a Gramian weighting (a method whose direction is "
+                f"weights(J Jᵀ) @ J); {type(method).__name__} needs the Jacobian itself: use "
+                "route=auto, loop or batched"
+            )
     if method.extra_batches and not method.needs_probe and context.rep_grad:
         raise ConfigError(
             f"{type(method).__name__} needs Jacobians of independent batches w.r.t. the shared "
@@ -185,12 +212,24 @@ def method_update(
         for batch in context.draw_batches(method.extra_batches):
             extra = compute_losses(batch)
             losses = [extra.losses[t] for t in tasks]
-            jacobians.append(jacobian(losses, shared, route=context.route, retain_graph=False))
+            jacobians.append(
+                jacobian(losses, shared, route=context.jacobian_route, retain_graph=False)
+            )
             backwards += len(tasks)
         method.observe_extra(jacobians)
     losses = [result.losses[t] for t in tasks]  # a list, not a stack: see autograd.loss_list
     features = result.features if context.rep_grad else None
-    weights = backward(losses, shared=shared, method=method, features=features, route=context.route)
+    capture = context.capture if method.kind == "gradient" and features is None else None
+    weights = backward(
+        losses,
+        shared=shared,
+        method=method,
+        features=features,
+        route=context.jacobian_route,
+        capture=capture,
+    )
+    if context.capture is not None:
+        context.capture.clear()  # records this backward did not consume (loss weightings)
     per_task = method.kind == "gradient" and features is None and len(tasks) > 1
     named = {} if weights is None else dict(zip(tasks, weights.tolist()))
     return named, backwards + (len(tasks) if per_task else 1)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice per epoch
 
-from mtlkit.autograd import Route
+from mtlkit.autograd import StepRoute
 from mtlkit.batches import BatchStream
 from mtlkit.checkpoint import (
     CHECKPOINT_NAME,
@@ -112,7 +112,8 @@ class Trainer:
         budget: when to stop (10 epochs by default).
         device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:1"``, ...
         rep_grad: gradient aggregators differentiate w.r.t. the shared representation.
-        route: Jacobian route (see :func:`mtlkit.jacobian`).
+        route: Jacobian route (see :func:`mtlkit.jacobian`), or ``"gramian"``: the layer-wise
+            Gramian (:mod:`mtlkit.gramian_engine`) for Gramian weightings.
         select: model selection on the validation split: ``"loss"`` (lowest summed validation
             loss) or ``"task/metric"`` (e.g. ``"left/acc"``), or ``"last"``.
         seed: seeds torch's global RNG at the start of ``fit`` (dropout, initial draws).
@@ -137,7 +138,7 @@ class Trainer:
         budget: Budget | None = None,
         device: str | torch.device = "cpu",
         rep_grad: bool = False,
-        route: Route = "auto",
+        route: StepRoute = "auto",
         select: str = "loss",
         seed: int = 0,
         out_dir: str | Path | None = None,
