@@ -304,11 +304,15 @@ def _aggregate_gramian(
 ) -> Tensor:
     losses = torch.stack(scalars)
     params = _as_list(shared, "shared")
-    gram = capture.gramian(scalars, params)
+    shared_ids = {id(p) for p in params}
+    others = [leaf for leaf in graph_leaves(losses) if id(leaf) not in shared_ids]
+    gradients = capture.task_gradients(scalars, params)
     method.last_weights = None
-    weights = method.weights(gram, losses.detach()).to(losses.dtype).detach()
+    weights = method.weights(gradients.gramian, losses.detach()).to(losses.dtype).detach()
     method.last_weights = weights
-    (weights * losses).sum().backward(retain_graph=retain_graph)
+    if others:
+        torch.autograd.backward((weights * losses).sum(), inputs=others, retain_graph=retain_graph)
+    gradients.accumulate(weights)
     return weights
 
 
