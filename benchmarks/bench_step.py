@@ -14,7 +14,8 @@ backward, Adam step. The plain step backpropagates ``Σ_i L_i``. Routes:
 Every variant owns a copy of the model and its optimizer; the variants of a cell are interleaved
 in rotating order after a warm-up (``bench_engine.measure``), and the ratios are medians ÷ the
 plain step's median of the same run. Peak extra memory: the process's peak resident set during
-one step (``/proc/self/clear_refs`` resets it) minus the same for the plain step (Linux only).
+one step (``/proc/self/clear_refs`` resets it) minus the same for the plain step, in a separate
+process whose allocator returns every large block when it is freed (Linux only).
 
     python benchmarks/bench_step.py [--quick] [--threads 2] [--device cpu|cuda] [--json F]
                                     [--markdown F]
@@ -27,7 +28,9 @@ import copy
 import gc
 import itertools
 import json
+import os
 import statistics
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -101,12 +104,15 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_extra_mib(steps: dict[str, Callable[[], None]]) -> dict[str, float] | None:
-    """Peak resident memory of one step of each variant minus that of the plain step (MiB)."""
-    if not Path("/proc/self/clear_refs").exists():
-        return None
+def peak_extra_mib(steps: dict[str, Callable[[], None]]) -> dict[str, float]:
+    """Peak resident memory of one step of each variant minus that of the plain step (MiB).
+
+    Meaningful only with ``MALLOC_MMAP_THRESHOLD_`` set (see :func:`measure_memory`): then
+    every large tensor is its own mapping, returned to the system when freed, so the resident
+    set follows the live tensors instead of the allocator's cache."""
     peaks = {}
     for name, step in steps.items():
+        step()  # warm-up: optimizer state, lazily created buffers
         gc.collect()
         before = _rss_kib("VmRSS:")
         Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current
@@ -115,13 +121,24 @@ def peak_extra_mib(steps: dict[str, Callable[[], None]]) -> dict[str, float] | N
     return {name: peaks[name] - peaks["plain"] for name in steps}
 
 
+def measure_memory(model: str, m: int, names: list[str]) -> dict[str, float] | None:
+    """:func:`peak_extra_mib` of one cell, in a fresh process with glibc's mmap threshold fixed
+    at 64 KiB (Linux only; ``None`` elsewhere)."""
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, __file__, "--memory-cell", f"{model}:{m}", "--methods", *names]
+    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def run_cell(model: str, m: int, device: torch.device, args: argparse.Namespace) -> dict:
     p = build(model, m, device)
     steps = variants(p, args.methods)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     samples = measure(steps, args.repeats, 2, args.budget, sync)
     ms = {name: statistics.median(s) for name, s in samples.items()}
-    memory = peak_extra_mib(steps) if device.type == "cpu" else None
+    memory = measure_memory(model, m, args.methods) if device.type == "cpu" else None
     ratios = {name: ms[name] / ms["plain"] for name in ms}
     print(
         f"{model} m={m}: plain {ms['plain']:.1f} ms; "
@@ -174,7 +191,13 @@ def main() -> None:
     parser.add_argument("--cells", nargs="+", default=None, help="e.g. mlp:2 cnn:10")
     parser.add_argument("--json", type=Path, help="write the raw results here")
     parser.add_argument("--markdown", type=Path, help="write the table here")
+    parser.add_argument("--memory-cell", help=argparse.SUPPRESS)  # internal: one memory run
     args = parser.parse_args()
+    if args.memory_cell:
+        model, m = args.memory_cell.split(":")
+        steps = variants(build(model, int(m), torch.device("cpu")), args.methods or METHODS)
+        print(json.dumps(peak_extra_mib(steps)))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     args.methods = args.methods or (["mgda", "upgrad"] if args.quick else METHODS)

@@ -191,33 +191,41 @@ class LayerCapture:
         kernel_ids = {id(p) for group in kernel_modules for p in group[0].module.parameters()}
         others = [p for p in shared if id(p) not in kernel_ids]
         outputs = [r.output for group in kernel_modules for r in group]
-        per_task = [
-            torch.autograd.grad(loss, [*outputs, *others], retain_graph=True, allow_unused=True)
-            for loss in losses
-        ]
         dtype, device = shared[0].dtype, shared[0].device
-        result = TaskGradients(torch.zeros(m, m, dtype=dtype, device=device))
-        position = 0
-        for group in kernel_modules:
-            module = group[0].module
-            rows = torch.cat([r.inputs.reshape(-1, module.in_features) for r in group])
-            deltas = torch.cat(
-                [
-                    _stack([g[position + c] for g in per_task], r.output).reshape(
-                        m, -1, module.out_features
-                    )
-                    for c, r in enumerate(group)
-                ],
-                dim=1,
+        rows = [
+            torch.cat([r.inputs.reshape(-1, group[0].module.in_features) for r in group])
+            for group in kernel_modules
+        ]
+        deltas = [
+            torch.zeros(m, len(x), group[0].module.out_features, dtype=dtype, device=device)
+            for x, group in zip(rows, kernel_modules)
+        ]
+        stacked = [torch.zeros(m, *p.shape, dtype=dtype, device=device) for p in others]
+        for i, loss in enumerate(losses):  # one backward per task, written in place at once
+            grads = torch.autograd.grad(
+                loss, [*outputs, *others], retain_graph=True, allow_unused=True
             )
-            position += len(group)
-            _add_kernel_gramian(result.gramian, rows, deltas)
+            position = 0
+            for group, delta in zip(kernel_modules, deltas):
+                offset = 0
+                for record in group:
+                    grad, size = grads[position], record.output.numel() // delta.shape[2]
+                    if grad is not None:
+                        delta[i, offset : offset + size].copy_(grad.reshape(size, -1))
+                    position, offset = position + 1, offset + size
+            for buffer, grad in zip(stacked, grads[position:]):
+                if grad is not None:
+                    buffer[i].copy_(grad)
+            del grads
+        result = TaskGradients(torch.zeros(m, m, dtype=dtype, device=device))
+        for group, x, delta in zip(kernel_modules, rows, deltas):
+            module = group[0].module
+            _add_kernel_gramian(result.gramian, x, delta)
             if module.bias is not None:
-                bias = deltas.sum(dim=1)
+                bias = delta.sum(dim=1)
                 result.gramian.addmm_(bias, bias.T)
-            result.kernel_layers.append(_KernelLayer(module, rows, deltas))
-        for k, tensor in enumerate(others):
-            grads = _stack([g[position + k] for g in per_task], tensor)
+            result.kernel_layers.append(_KernelLayer(module, x, delta))
+        for tensor, grads in zip(others, stacked):
             flat = grads.reshape(m, -1)
             result.gramian.addmm_(flat, flat.T)
             result.stacked.append((tensor, grads))
@@ -246,16 +254,18 @@ def _kernel_pays(group: Sequence[_Record], m: int) -> bool:
     return kernel < block
 
 
-def _stack(grads: Sequence[Tensor | None], like: Tensor) -> Tensor:
-    """``[m, *like.shape]`` from per-task gradients, zeros where a task does not reach."""
-    return torch.stack([torch.zeros_like(like) if g is None else g for g in grads])
-
-
-def _add_kernel_gramian(gram: Tensor, rows: Tensor, deltas: Tensor) -> None:
-    """Add ``⟨Δ_i, X Xᵀ Δ_j⟩`` for ``X = rows [N, in]`` and ``deltas [m, N, out]``."""
+def _add_kernel_gramian(
+    gram: Tensor, rows: Tensor, deltas: Tensor, chunk_bytes: int = 1 << 22
+) -> None:
+    """Add ``⟨Δ_i, X Xᵀ Δ_j⟩`` for ``X = rows [N, in]`` and ``deltas [m, N, out]``, a few tasks at
+    a time (``K Δ_j`` for at most ``chunk_bytes`` at once)."""
     m = deltas.shape[0]
-    mixed = torch.matmul(rows @ rows.T, deltas)  # [m, N, out]
-    gram.addmm_(deltas.reshape(m, -1), mixed.reshape(m, -1).T)
+    kernel = rows @ rows.T
+    flat = deltas.reshape(m, -1)
+    step = max(1, chunk_bytes // max(1, deltas[0].numel() * deltas.element_size()))
+    for start in range(0, m, step):
+        mixed = torch.matmul(kernel, deltas[start : start + step])  # [k, N, out]
+        gram[:, start : start + step].addmm_(flat, mixed.reshape(len(mixed), -1).T)
 
 
 def _verify(gram: Tensor, losses: Sequence[Tensor], shared: Sequence[Tensor]) -> None:
