@@ -6,6 +6,7 @@ import math
 import warnings
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -32,7 +33,8 @@ def min_norm_weights(gramian: Tensor, tol: float = 1e-12, max_iter: int = 1000) 
     all ``i``, with equality (to rounding) on the support, where ``s = max_i G_ii``; then
     ``|d - d*| ≤ sqrt(tol·s)`` for the direction ``d = wᵀJ`` and the exact min-norm point ``d*``.
     ``tol`` is raised to ``4 eps`` of the Gramian's dtype (its own rounding). The solve runs in
-    float64 (float32 on MPS) on the Gramian's device; the result has its dtype. When all gradients
+    float64 NumPy on the CPU (the Gramian is only ``m × m``; a few microseconds per step instead of
+    a device launch per scalar); the result has the Gramian's dtype and device. When all gradients
     are zero every ``w`` is optimal and the uniform one is returned.
 
     Args:
@@ -48,7 +50,7 @@ def min_norm_weights(gramian: Tensor, tol: float = 1e-12, max_iter: int = 1000) 
     if not bool(torch.isfinite(gramian).all()):
         raise NonFiniteError("MGDA got a Gramian with NaN or infinite entries")
     m = gramian.shape[0]
-    work = gramian.detach().to(torch.float32 if gramian.device.type == "mps" else torch.float64)
+    work = gramian.detach().to("cpu", torch.float64).numpy()
     scale = work.diagonal().max()
     if m == 1 or scale <= 0:
         return torch.full((m,), 1.0 / m, dtype=gramian.dtype, device=gramian.device)
@@ -56,7 +58,7 @@ def min_norm_weights(gramian: Tensor, tol: float = 1e-12, max_iter: int = 1000) 
     tol = max(tol, 4 * torch.finfo(gramian.dtype).eps)  # below the rounding of G itself
 
     support = [int(work.diagonal().argmin())]
-    weights = _embed(torch.ones(1, dtype=work.dtype, device=work.device), support, m)
+    weights = _embed(np.ones(1), support, m)
     best, best_value = weights, math.inf
     for _ in range(max_iter):
         grad = work @ weights
@@ -74,22 +76,23 @@ def min_norm_weights(gramian: Tensor, tol: float = 1e-12, max_iter: int = 1000) 
         warnings.warn(
             f"MGDA's min-norm solver reached max_iter={max_iter}", RuntimeWarning, stacklevel=2
         )
-    return weights.to(gramian.dtype)
+    return torch.from_numpy(weights).to(gramian.device, gramian.dtype)
 
 
-def _minor_cycle(gramian: Tensor, weights: Tensor, support: list[int]) -> tuple[Tensor, list[int]]:
+def _minor_cycle(
+    gramian: np.ndarray, weights: np.ndarray, support: list[int]
+) -> tuple[np.ndarray, list[int]]:
     """From ``weights`` (positive on ``support`` but for the index that just entered), move towards
     the affine minimiser of the support, dropping the indices whose weight reaches zero, until the
     affine minimiser has positive weights; return it and its support."""
     m = gramian.shape[0]
     while True:
-        index = torch.tensor(support, device=gramian.device)
-        target = _affine_minimizer(gramian[index][:, index])
+        target = _affine_minimizer(gramian[np.ix_(support, support)])
         if bool((target > 0).all()):
             return _embed(target, support, m), support
-        current = weights[index]
-        ratios = current / (current - target).clamp_min(torch.finfo(current.dtype).tiny)
-        ratios = torch.where(target <= 0, ratios, torch.inf)
+        current = weights[support]
+        ratios = current / np.maximum(current - target, np.finfo(np.float64).tiny)
+        ratios = np.where(target <= 0, ratios, np.inf)
         first = int(ratios.argmin())
         step = current + ratios[first] * (target - current)
         step[first] = 0
@@ -98,17 +101,16 @@ def _minor_cycle(gramian: Tensor, weights: Tensor, support: list[int]) -> tuple[
         weights = _embed(step[keep] / step[keep].sum(), support, m)
 
 
-def _embed(values: Tensor, support: list[int], size: int) -> Tensor:
+def _embed(values: np.ndarray, support: list[int], size: int) -> np.ndarray:
     """The ``[size]`` vector equal to ``values`` on ``support`` and zero elsewhere."""
-    index = torch.tensor(support, device=values.device)
-    return torch.zeros(size, dtype=values.dtype, device=values.device).index_copy_(0, index, values)
+    out = np.zeros(size)
+    out[support] = values
+    return out
 
 
-def _affine_minimizer(gramian: Tensor) -> Tensor:
+def _affine_minimizer(gramian: np.ndarray) -> np.ndarray:
     """The weights ``v`` (``Σv = 1``) of the min-norm point of the affine hull of the gradients."""
-    lifted = gramian + 1.0
-    ones = torch.ones(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
-    solution = torch.linalg.pinv(lifted, hermitian=True) @ ones
+    solution = np.linalg.pinv(gramian + 1.0, hermitian=True) @ np.ones(gramian.shape[0])
     return solution / solution.sum()
 
 
