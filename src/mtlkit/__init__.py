@@ -9,6 +9,7 @@ from mtlkit import methods
 from mtlkit.architectures import HPS
 from mtlkit.autograd import backward, gramian, jacobian
 from mtlkit.errors import ConfigError, MtlkitError, NonFiniteError, UnknownNameError
+from mtlkit.gramian_engine import LayerCapture
 from mtlkit.groups import RandomGroups
 from mtlkit.metrics import Accuracy, MeanAbsoluteError, MeanSquaredError, Metric, delta_m
 from mtlkit.optim import optimizer
@@ -33,6 +34,7 @@ __all__ = [
     "ConfigError",
     "ForwardResult",
     "Joint",
+    "LayerCapture",
     "MeanAbsoluteError",
     "MeanSquaredError",
     "Metric",
