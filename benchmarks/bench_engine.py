@@ -90,9 +90,15 @@ def measure(
     warmup: int,
     budget: float,
     sync: Callable[[], None],
+    burst: int = 1,
 ) -> dict[str, list[float]]:
     """Milliseconds per call of each variant, interleaved in rotating order: at least ``repeats``
-    samples each, more while a repetition of all variants fits ``budget`` seconds in total."""
+    samples each, more while a repetition of all variants fits ``budget`` seconds in total.
+
+    With ``burst > 1`` each turn of a variant calls it ``burst`` times in a row and the sample is
+    the mean of all but the first call: the steady state of a training loop, which repeats one
+    step, rather than the first call after another variant (whose caches and freed memory the
+    first call pays for: up to 2x for a light step after a heavy one)."""
     names = list(variants)
     cost = 0.0  # seconds of one repetition, from the last warm-up call of each variant
     for fn in variants.values():
@@ -102,6 +108,7 @@ def measure(
             fn()
             sync()
         cost += time.perf_counter() - start
+    cost *= burst
     repeats = max(repeats, int(budget / cost))
     samples: dict[str, list[float]] = {name: [] for name in names}
     gc.collect()
@@ -109,11 +116,13 @@ def measure(
     try:
         for r in range(repeats):
             for name in names[r % len(names) :] + names[: r % len(names)]:
+                for call in range(burst):
+                    if call == 1 or burst == 1:
+                        sync()
+                        start = time.perf_counter()
+                    variants[name]()
                 sync()
-                start = time.perf_counter()
-                variants[name]()
-                sync()
-                samples[name].append((time.perf_counter() - start) * 1e3)
+                samples[name].append((time.perf_counter() - start) * 1e3 / max(burst - 1, 1))
     finally:
         gc.enable()
     return samples

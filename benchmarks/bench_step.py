@@ -9,10 +9,14 @@ backward, Adam step. The plain step backpropagates ``Σ_i L_i``. Routes:
   Jacobian route);
 * ``gramian``: the layer-wise Gramian (:class:`mtlkit.gramian_engine.LayerCapture`), no Jacobian;
 * ``features``: the Jacobian w.r.t. the shared representation (``features=z``);
-* ``loss``: EW and UW through ``mtlkit.backward`` (one backward of ``Σ w_i L_i``).
+* ``loss``: EW and UW through ``mtlkit.backward`` (one backward of ``Σ w_i L_i``);
+* ``floor``: the issue's reference "Jacobian alone, loop of ``autograd.grad``": the forward and
+  one ``autograd.grad`` per task w.r.t. the shared parameters, no update (what any per-task
+  parameter route pays at least).
 
 Every variant owns a copy of the model and its optimizer; the variants of a cell are interleaved
-in rotating order after a warm-up (``bench_engine.measure``), and the ratios are medians ÷ the
+in rotating order after a warm-up (``bench_engine.measure``; each turn calls a variant 3 times in
+a row and times the last 2: the steady state of a training loop), and the ratios are medians ÷ the
 plain step's median of the same run. Peak extra memory: the process's peak resident set during
 one step (``/proc/self/clear_refs`` resets it) minus the same for the plain step, in a separate
 process whose allocator returns every large block when it is freed (Linux only).
@@ -75,6 +79,10 @@ def variant(p: Problem, route: str, method_name: str | None) -> Callable[[], Non
         optimizer.zero_grad(set_to_none=True)
         z = encoder(p.x)
         losses = [F.cross_entropy(head(z), y) for head, y in zip(heads, p.y)]
+        if route == "floor":
+            for i, loss in enumerate(losses):
+                torch.autograd.grad(loss, shared, retain_graph=i < m - 1)
+            return
         if route == "plain":
             sum(losses).backward()
         elif route == "features":
@@ -92,6 +100,7 @@ def variants(p: Problem, names: list[str]) -> dict[str, Callable[[], None]]:
     out = {"plain": variant(p, "plain", None)}
     out["loss/ew"] = variant(p, "loss", "ew")
     out["loss/uw"] = variant(p, "loss", "uw")
+    out["floor/jacobian_loop"] = variant(p, "floor", None)
     for route, name in itertools.product(("param", "gramian", "features"), names):
         out[f"{route}/{name}"] = variant(p, route, name)
     return out
@@ -136,7 +145,7 @@ def run_cell(model: str, m: int, device: torch.device, args: argparse.Namespace)
     p = build(model, m, device)
     steps = variants(p, args.methods)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    samples = measure(steps, args.repeats, 2, args.budget, sync)
+    samples = measure(steps, args.repeats, 2, args.budget, sync, burst=args.burst)
     ms = {name: statistics.median(s) for name, s in samples.items()}
     memory = measure_memory(model, m, args.methods) if device.type == "cpu" else None
     ratios = {name: ms[name] / ms["plain"] for name in ms}
@@ -152,13 +161,13 @@ def table(results: list[dict], names: list[str]) -> str:
     cells = [(r["model"], r["m"]) for r in results]
     head = "| route | method | " + " | ".join(f"{a.upper()} m={m}" for a, m in cells) + " |"
     lines = [head, "|" + "---|" * (len(cells) + 2)]
-    rows = [("loss", n) for n in ("ew", "uw")]
+    rows = [("loss", n) for n in ("ew", "uw")] + [("floor", "jacobian_loop")]
     rows += [(route, n) for route in ("param", "gramian", "features") for n in names]
     for route, name in rows:
         entries = []
         for r in results:
             ratio = r["ratios"][f"{route}/{name}"]
-            target = TARGETS[route].get((r["model"], r["m"]))
+            target = TARGETS.get(route, {}).get((r["model"], r["m"]))
             mark = "" if target is None else (" ✓" if ratio <= target else f" ✗ (≤ {target})")
             entries.append(f"{ratio:.2f}{mark}")
         lines.append(f"| {route} | {name} | " + " | ".join(entries) + " |")
@@ -185,6 +194,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and methods")
     parser.add_argument("--repeats", type=int, default=None, help="min samples per variant")
     parser.add_argument("--budget", type=float, default=None, help="seconds per cell (approx.)")
+    parser.add_argument(
+        "--burst",
+        type=int,
+        default=3,
+        help="calls of a variant per turn; the sample is the mean of all but the first (the "
+        "steady state of a training loop)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--methods", nargs="+", default=None, choices=METHODS)
