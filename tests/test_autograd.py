@@ -50,6 +50,53 @@ class FirstRowTwice(GradientAggregator):
         return 2 * jacobian[0] + jacobian[-1] ** 2
 
 
+class OwnHeadWeights(GradientAggregator):
+    """Test aggregator with head weights of its own: direction 2 * J[0] + J[-1] squared, heads
+    descend 3 L_0 - L_1 + 0.5 L_2 (a method whose weights are set, e.g. FixedWeights, too)."""
+
+    def __init__(self, with_weights: bool) -> None:
+        super().__init__()
+        self.with_weights = with_weights
+
+    def forward(self, jacobian: Tensor, losses: Tensor | None = None, blocks=None) -> Tensor:
+        self.head_weights = torch.tensor([3.0, -1.0, 0.5], dtype=jacobian.dtype)
+        if self.with_weights:
+            self.last_weights = torch.tensor([1.0, 2.0, 0.0], dtype=jacobian.dtype)
+            return self.last_weights @ jacobian
+        return 2 * jacobian[0] + jacobian[-1] ** 2
+
+
+@pytest.mark.parametrize("features", [False, True])
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_head_weights_weight_the_heads_and_leave_the_direction_alone(
+    problem, features, with_weights
+):
+    model, x, y = problem
+    losses, z = task_losses(model, x, y, features=True)
+    inputs = [z] if features else list(model.shared_parameters())
+    method = OwnHeadWeights(with_weights)
+    direction = method(reference_jacobian(losses, inputs))
+    encoder, heads = list(model.shared_parameters()), list(model.heads.parameters())
+    if features:
+        expected = torch.autograd.grad(z, encoder, direction.view_as(z), retain_graph=True)
+    else:
+        expected = [direction]
+    h = torch.tensor([3.0, -1.0, 0.5], dtype=torch.float64)
+    expected_heads = torch.autograd.grad((h * torch.stack(losses)).sum(), heads, retain_graph=True)
+    returned = mtlkit.backward(
+        losses,
+        shared=None if features else encoder,
+        method=method,
+        features=z if features else None,
+    )
+    assert (returned is None) != with_weights  # the direction's weights are still reported
+    got = [p.grad for p in encoder]
+    if not features:
+        got = [torch.cat([g.reshape(-1) for g in got])]
+    for g, e in zip(got + [p.grad for p in heads], list(expected) + list(expected_heads)):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-13)
+
+
 @pytest.mark.parametrize("route", ["loop", "batched", "auto"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_jacobian_equals_loop_of_autograd_grad(route, seed):

@@ -283,11 +283,11 @@ def _aggregate_shared(
     shared_ids = {id(p) for p in params}
     others = [leaf for leaf in graph_leaves(losses) if id(leaf) not in shared_ids]
     jac = jacobian(scalars, params, route=route, max_memory=max_memory, retain_graph=True)
-    method.last_weights = None
+    method.last_weights = method.head_weights = None
     direction = method(jac, losses.detach(), blocks=[p.numel() for p in params])
     weights = method.last_weights
     if others:
-        combine = torch.ones_like(losses) if weights is None else weights.to(losses.dtype)
+        combine, _ = _head_weights(method, losses)
         torch.autograd.backward(
             (combine.detach() * losses).sum(), inputs=others, retain_graph=retain_graph
         )
@@ -327,14 +327,14 @@ def _aggregate_features(
     losses = torch.stack(scalars)
     reps = _as_list(features, "features")
     jac = jacobian(scalars, reps, route=route, max_memory=max_memory, retain_graph=True)
-    method.last_weights = None
+    method.last_weights = method.head_weights = None
     direction = method(jac, losses.detach(), blocks=[r.numel() for r in reps])
     weights = method.last_weights
-    combine = torch.ones_like(losses) if weights is None else weights.to(losses.dtype).detach()
+    combine, exact = _head_weights(method, losses)
     roots, grads = [(combine * losses).sum()], [None]
-    if weights is None:
-        # The weighted sum already sends Σ_i J_i to z; add what makes it the method's direction.
-        correction = direction - jac.sum(dim=0)
+    if not exact:
+        # The weighted sum sends Σ_i c_i J_i to z; add what makes it the method's direction.
+        correction = direction - combine.to(jac.dtype) @ jac
         offset = 0
         for rep in reps:
             roots.append(rep)
@@ -342,6 +342,18 @@ def _aggregate_features(
             offset += rep.numel()
     torch.autograd.backward(roots, grad_tensors=grads, retain_graph=retain_graph)
     return None if weights is None else weights.detach()
+
+
+def _head_weights(method: GradientAggregator, losses: Tensor) -> tuple[Tensor, bool]:
+    """The weights of the task losses for the parameters that are not aggregated (the heads):
+    the method's ``head_weights`` if it set them, else its ``last_weights`` (the direction's),
+    else ones (``Σ_i ∇L_i``: each head gets its own task's gradient); and whether they are the
+    direction's own weights."""
+    if method.head_weights is not None:
+        return method.head_weights.to(losses.dtype).detach(), False
+    if method.last_weights is not None:
+        return method.last_weights.to(losses.dtype).detach(), True
+    return torch.ones_like(losses), False
 
 
 def _accumulate(tensors: Sequence[Tensor], direction: Tensor) -> None:

@@ -24,8 +24,8 @@ def check_route_steps(
 ) -> None:
     """``steps`` calls of ``mtlkit.backward`` with one method match a twin fed the reference
     Jacobian, ``blocks`` and losses of each step: shared tensors get the twin's direction, heads
-    the gradient of ``Σ w_i L_i`` (``w`` the twin's weights, ones if none). ``prime(method, k)``
-    runs before step ``k`` on both (e.g. ``observe_extra``)."""
+    the gradient of ``Σ w_i L_i`` (``w`` the twin's head weights, else its weights, else ones).
+    ``prime(method, k)`` runs before step ``k`` on both (e.g. ``observe_extra``)."""
     model = tiny_hps(num_tasks=num_tasks, seed=3)
     encoder = list(model.shared_parameters())
     heads = list(model.heads.parameters())
@@ -44,7 +44,8 @@ def check_route_steps(
             prime(method, step)
         direction = twin(jac, torch.stack(losses).detach(), blocks)
         weights = twin.last_weights
-        w = torch.ones(num_tasks, dtype=torch.float64) if weights is None else weights.detach()
+        heads_w = twin.head_weights if twin.head_weights is not None else weights
+        w = torch.ones(num_tasks, dtype=torch.float64) if heads_w is None else heads_w.detach()
         expected_heads = torch.autograd.grad(
             (w * torch.stack(losses)).sum(), heads, retain_graph=True
         )

@@ -190,3 +190,15 @@ def test_errors_and_registry() -> None:
 @pytest.mark.parametrize("make", [MoCo, DBMTL])
 def test_engine_parameter_route(make) -> None:
     check_route_steps(make)
+
+
+def test_db_mtl_heads_descend_the_log_losses() -> None:
+    """The paper's heads take ∇ log L_i = ∇L_i / L_i: head weights 1 / L (none for log inputs)."""
+    jac, losses = make_jacobian(4, 3, 6), torch.tensor([0.5, 2.0, 8.0], dtype=F64)
+    method = DBMTL()
+    method(jac, losses)
+    torch.testing.assert_close(method.head_weights, 1.0 / losses, rtol=0, atol=0)
+    assert method.last_weights is None
+    raw = DBMTL(log_losses=False)
+    raw(jac, losses.log())
+    assert raw.head_weights is None

@@ -166,7 +166,10 @@ class GradientAggregator(Method):
 
     After each call, ``last_weights`` holds the task weights ``w`` such that the direction is
     ``w @ J``, when the method has such weights, and ``None`` otherwise; the engine uses them
-    for the non-shared parameters.
+    for the non-shared parameters (the heads get ``Σ_i w_i ∇L_i``, or ``Σ_i ∇L_i`` when
+    ``None``). A method whose paper gives the heads other weights than the direction's sets
+    ``head_weights`` (``[m]``) in the same call (DB-MTL: ``1 / L_i``, the gradient of
+    ``log L_i``); the engine clears both before each call.
 
     Methods that need the Jacobians of *independent* mini-batches (MoDo, SDMGrad) set
     ``extra_batches`` to how many they need per step; before each ``forward`` the strategy (or
@@ -179,6 +182,7 @@ class GradientAggregator(Method):
     def __init__(self) -> None:
         super().__init__()
         self.last_weights: Tensor | None = None
+        self.head_weights: Tensor | None = None
 
     def forward(
         self, jacobian: Tensor, losses: Tensor | None = None, blocks: Sequence[int] | None = None

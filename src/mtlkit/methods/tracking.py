@@ -198,12 +198,10 @@ class DBMTL(TrackedGradients):
     ``α = 0``. LibMTL differentiates ``log(L_i + 1e-8)`` and divides by ``|ĝ_i| + 1e-8``;
     here both are exact.
 
-    The direction is not a weighting of the current Jacobian, so ``last_weights`` is ``None``:
-    the non-shared parameters get ``Σ_i ∇L_i``. The paper (and LibMTL) give the task heads the
-    gradient of ``Σ_i log L_i`` instead, i.e. ``Σ_i ∇L_i / L_i``; an aggregator cannot express
-    head weights that differ from the direction's. To get the paper's heads, use ``log`` of the
-    losses yourself and set ``log_losses=False``. Parameter route only (see the module
-    docstring).
+    The direction is not a weighting of the current Jacobian, so ``last_weights`` is ``None``.
+    The task heads get the gradient of ``Σ_i log L_i``, i.e. ``Σ_i ∇L_i / L_i``, as in the paper
+    (and LibMTL): ``head_weights = 1 / L`` (with ``log_losses=False``, where the losses already
+    are logs, ``Σ_i ∇L_i``). Parameter route only (see the module docstring).
 
     Args:
         beta: ``β ∈ [0, 1)``, the weight of the past.
@@ -237,7 +235,9 @@ class DBMTL(TrackedGradients):
         m = jacobian.shape[0]
         gradients = jacobian.detach()
         if self.log_losses:
-            gradients = gradients / _positive_losses(self, losses, m, gradients)[:, None]
+            positive = _positive_losses(self, losses, m, gradients)
+            gradients = gradients / positive[:, None]
+            self.head_weights = 1.0 / positive  # the heads descend Σ_i log L_i
         self.step += 1
         k = float(self.step)
         tracked = self._advance(gradients, 1.0 - self.beta / k**self.beta_sigma)
