@@ -2,7 +2,9 @@
 fixture of its data set (in the data set's real on-disk format), through ``mtlkit.cli.run``.
 
 The configs' models, methods and optimizers are used as they are (full widths); only the budget
-(one step), the batch size, the workers and the fixture's image sizes are overridden.
+(one step), the batch size, the workers and the fixture's image sizes are overridden. Grid
+configs (``mtlkit compare``: grid keys ``methods``, ``strategies``, ...) are loaded through
+:func:`mtlkit.compare.load_grid`, and each of their methods and strategies trains one step.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pytest
 import yaml
 
 from mtlkit.cli import main, run
+from mtlkit.compare import GRID_KEYS, load_grid, run_grid
 from mtlkit.config import load_config
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
@@ -30,6 +33,16 @@ from dataset_fixtures import (
 )
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def is_grid(path: Path) -> bool:
+    """Whether ``path`` is a ``mtlkit compare`` config (a train config plus grid keys)."""
+    return bool(set(yaml.safe_load(path.read_text()) or {}) & set(GRID_KEYS))
+
+
+TRAIN_CONFIGS = [p for p in CONFIGS if not is_grid(p)]
+GRID_CONFIGS = [p for p in CONFIGS if is_grid(p)]
+
 
 # One fixture per data set: a writer of the data set's on-disk format into a folder, returning
 # the data_args overrides that make it small (beside data_args.root).
@@ -83,16 +96,19 @@ FIXTURES: dict[str, Fixture] = {
     "multi_fashion": _mnist,
 }
 GENERATED = {"mmoe_synthetic": ["data_args.n_train=16", "data_args.n_val=8", "data_args.n_test=8"]}
+# Embedded data sets (grid configs only): shrunk, not written.
+EMBEDDED = {"multidigits": ["data_args.n_train=64", "data_args.n_val=32", "data_args.n_test=32"]}
 
 ONE_STEP = ["steps=1", "batch_size=2", "workers=0", "progress=false", "checkpoint_every=null"]
 
 
 def test_there_are_configs_for_every_standard_data_set():
-    data = {load_config(path).data for path in CONFIGS}
+    data = {load_config(path).data for path in TRAIN_CONFIGS}
     assert data == set(FIXTURES) | set(GENERATED)
+    assert GRID_CONFIGS, "no mtlkit compare config"
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.stem)
 def test_config_trains_one_step_on_its_fixture(path, tmp_path):
     config = load_config(path)
     if config.data in GENERATED:
@@ -124,12 +140,32 @@ def test_config_header_names_source_and_command(path):
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
     text = "\n".join(header)
     assert "Source:" in text and "Adapted:" in text
-    assert f"mtlkit train --config configs/{path.name}" in text
+    command = "compare" if is_grid(path) else "train"
+    assert f"mtlkit {command} --config configs/{path.name}" in text
     assert all(len(line) <= 100 for line in header)
 
 
+@pytest.mark.parametrize("path", GRID_CONFIGS, ids=lambda p: p.stem)
+def test_grid_config_runs_each_method_and_strategy_for_one_step(path, tmp_path):
+    """Every method and strategy of a grid config, with its arguments, trains one batch (one
+    seed, one budget of one step, which alternating overshoots by its other groups' steps; the
+    baselines one step too) and gets a finite Δm%."""
+    full = load_grid(path)
+    assert full.base.data in EMBEDDED, f"{path.name}: no small setting for {full.base.data!r}"
+    small = [*EMBEDDED[full.base.data], *ONE_STEP, "plots=false", f"out={tmp_path}"]
+    seed = f"seeds=[{full.seeds[0]}]"
+    grid = load_grid(path, [*small, seed, "budgets=[{steps: 1, name: one}]"])
+    assert (grid.methods, grid.strategies) == (full.methods, full.strategies)
+    report = run_grid(grid, jobs=0, echo=lambda line: None)
+    assert not report.failed and not report.interrupted
+    assert len(report.rows) == len(full.methods) * len(full.strategies)
+    for row in report.rows:
+        assert row["batches"] == 1, row["run"]
+        assert math.isfinite(row["delta_m"]), row["run"]
+
+
 @pytest.mark.parametrize(
-    "path", [p for p in CONFIGS if load_config(p).data in FIXTURES], ids=lambda p: p.stem
+    "path", [p for p in TRAIN_CONFIGS if load_config(p).data in FIXTURES], ids=lambda p: p.stem
 )
 def test_the_data_root_is_left_to_the_user_with_one_clear_error(path, capsys):
     assert "root" not in (yaml.safe_load(path.read_text()).get("data_args") or {})

@@ -16,7 +16,7 @@ backward (``is_grads_batched``, vmap over the cotangents). ``route="auto"`` pick
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -24,6 +24,9 @@ from torch import Tensor
 from mtlkit.errors import NonFiniteError
 from mtlkit.gramian_engine import LayerCapture
 from mtlkit.methods.base import GradientAggregator, GramianWeighting, LossWeighting, Method
+
+if TYPE_CHECKING:
+    from mtlkit.distributed import Reducer
 
 Route = Literal["auto", "loop", "batched"]
 StepRoute = Literal["auto", "loop", "batched", "gramian"]
@@ -204,6 +207,7 @@ def backward(
     max_memory: int | None = None,
     retain_graph: bool = False,
     capture: LayerCapture | None = None,
+    reducer: Reducer | None = None,
 ) -> Tensor | None:
     """Multi-task backward: fill ``.grad`` (accumulating, like ``Tensor.backward``).
 
@@ -232,6 +236,10 @@ def backward(
         retain_graph: keep the graph after the backward.
         capture: the layer capture of the Gramian route (parameter route only; the method must
             be a :class:`~mtlkit.methods.GramianWeighting`).
+        reducer: data parallelism and loss scaling (:class:`mtlkit.distributed.Reducer`): the
+            Jacobian is unscaled and reduced across processes before the aggregator runs (not
+            with ``capture=`` unless it is a pass-through (bf16 in one process): the
+            parameter-route Gramian needs the all-reduced Jacobian).
 
     Returns:
         The task weights the method used (detached, ``[m]``), or ``None`` for an aggregator
@@ -252,6 +260,13 @@ def backward(
     if not isinstance(method, GradientAggregator):
         raise TypeError(f"method must be a LossWeighting or a GradientAggregator, got {method!r}")
     if capture is not None:
+        if reducer is not None and not reducer.passthrough:
+            raise ValueError(
+                "capture= (the Gramian route) cannot take a reducer that reduces or unscales "
+                "(DDP or fp16 loss scaling): the Gramian of the global batch has cross terms "
+                "between processes that only the all-reduced Jacobian gives; use the Jacobian "
+                "route (route=auto, loop or batched) or the features route"
+            )
         if not isinstance(method, GramianWeighting) or features is not None or shared is None:
             raise ValueError(
                 "capture= (the Gramian route) needs a GramianWeighting method on the parameter "
@@ -261,13 +276,15 @@ def backward(
             )
         return _aggregate_gramian(scalars, shared, method, capture, retain_graph)
     if features is not None:
-        return _aggregate_features(scalars, features, method, route, max_memory, retain_graph)
+        return _aggregate_features(
+            scalars, features, method, route, max_memory, retain_graph, reducer
+        )
     if shared is None:
         raise ValueError(
             f"{type(method).__name__} aggregates gradients: give shared=<the shared parameters> "
             "or features=<the shared representation>"
         )
-    return _aggregate_shared(scalars, shared, method, route, max_memory, retain_graph)
+    return _aggregate_shared(scalars, shared, method, route, max_memory, retain_graph, reducer)
 
 
 def _aggregate_shared(
@@ -277,6 +294,7 @@ def _aggregate_shared(
     route: Route,
     max_memory: int | None,
     retain_graph: bool,
+    reducer: Reducer | None = None,
 ) -> Tensor | None:
     losses = torch.stack(scalars)
     params = _as_list(shared, "shared")
@@ -284,7 +302,7 @@ def _aggregate_shared(
     others = [leaf for leaf in graph_leaves(losses) if id(leaf) not in shared_ids]
     jac = jacobian(scalars, params, route=route, max_memory=max_memory, retain_graph=True)
     method.last_weights = method.head_weights = None
-    direction = method(jac, losses.detach(), blocks=[p.numel() for p in params])
+    direction = _direction(method, jac, losses.detach(), params, reducer, features=False)
     weights = method.last_weights
     if others:
         combine, _ = _head_weights(method, losses)
@@ -323,12 +341,13 @@ def _aggregate_features(
     route: Route,
     max_memory: int | None,
     retain_graph: bool,
+    reducer: Reducer | None = None,
 ) -> Tensor | None:
     losses = torch.stack(scalars)
     reps = _as_list(features, "features")
     jac = jacobian(scalars, reps, route=route, max_memory=max_memory, retain_graph=True)
     method.last_weights = method.head_weights = None
-    direction = method(jac, losses.detach(), blocks=[r.numel() for r in reps])
+    direction = _direction(method, jac, losses.detach(), reps, reducer, features=True)
     weights = method.last_weights
     combine, exact = _head_weights(method, losses)
     roots, grads = [(combine * losses).sum()], [None]
@@ -354,6 +373,21 @@ def _head_weights(method: GradientAggregator, losses: Tensor) -> tuple[Tensor, b
     if method.last_weights is not None:
         return method.last_weights.to(losses.dtype).detach(), True
     return torch.ones_like(losses), False
+
+
+def _direction(
+    method: GradientAggregator,
+    jac: Tensor,
+    losses: Tensor,
+    inputs: Sequence[Tensor],
+    reducer: Reducer | None,
+    features: bool,
+) -> Tensor:
+    """``method(jac)``, or with a ``reducer`` this process's part of the global batch's direction
+    (:meth:`mtlkit.distributed.Reducer.aggregate`)."""
+    if reducer is None:
+        return method(jac, losses, blocks=[t.numel() for t in inputs])
+    return reducer.aggregate(method, jac, losses, inputs, features=features)
 
 
 def _accumulate(tensors: Sequence[Tensor], direction: Tensor) -> None:

@@ -56,6 +56,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def remove_partial_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that writes interrupted by a kill left in ``folder``.
+
+    :func:`mtlkit.logging.atomic_file` writes ``.NAME.XXXXXXXX.tmp`` beside its target and
+    renames it over the target when complete; a ``SIGKILL`` in between leaves the temporary file
+    (the target itself is intact). The Trainer calls this when it starts writing into a run
+    folder, which only that run writes to. Returns the removed paths.
+    """
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def generators(loader: Any) -> list[torch.Generator | None]:
     """The shuffling generators of a loader (one per task loader of a multi-input loader);
     ``None`` for a loader without its own generator (it then draws from the global one)."""

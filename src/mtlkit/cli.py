@@ -1,4 +1,4 @@
-"""The ``mtlkit`` command line: ``train``, ``list`` and ``toy``.
+"""The ``mtlkit`` command line: ``train``, ``compare``, ``list``, ``toy`` and ``plot``.
 
 ``mtlkit train`` with no arguments trains HPS on the embedded MultiDigits benchmark with equal
 weighting and prints the test metrics of each task. Every config key can be set as
@@ -7,8 +7,9 @@ checkpoint. ``mtlkit train --stl`` trains one single-task model per task and wri
 metrics to ``stl_baseline.json``; ``baseline=PATH`` (such a file) makes a run also print its
 Δm% against it. ``mtlkit toy`` runs methods on the 2-D two-objective toy; ``mtlkit plot
 RUN_DIR`` redraws a run's figures (``mtlkit train`` draws them at the end when matplotlib is
-installed). User errors (unknown names, bad values) print one line and exit with code 2; an
-interrupted run exits with code 130.
+installed). ``mtlkit compare`` runs a grid of methods x strategies x seeds (x budgets) through
+:func:`run` (see :mod:`mtlkit.compare`). User errors (unknown names, bad values) print one line
+and exit with code 2; an interrupted run exits with code 130.
 """
 
 from __future__ import annotations
@@ -26,19 +27,22 @@ import torch
 from torch.utils.data import DataLoader
 
 from mtlkit.architectures import ARCHITECTURES, build
+from mtlkit.checkpoint import CHECKPOINT_NAME
 from mtlkit.config import TrainConfig, config_keys, load_config
 from mtlkit.data.benchmarks import DATASETS, Problem
+from mtlkit.distributed import from_rank_zero, init_from_env, is_main_process
 from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.logging import write_atomic, write_json_atomic
 from mtlkit.methods import METHODS
 from mtlkit.metrics import delta_m
 from mtlkit.optim import optimizer
-from mtlkit.plots import plot_run
+from mtlkit.plots import plot_folder, plot_run
 from mtlkit.registry import Registry
 from mtlkit.strategies import STRATEGIES
 from mtlkit.tasks import Task
 from mtlkit.toy import add_toy_arguments, toy_command
 from mtlkit.trainer import Budget, Results, Trainer, TrainingInterrupted
+from mtlkit.validation import check_config, check_problem, check_resume
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -79,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     train.add_argument(
+        "--tensorboard", action="store_true", help="also log to TensorBoard (OUT/tb)"
+    )
+    train.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
     train.add_argument(
@@ -91,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         type=Path,
         metavar="RUN_DIR",
-        help="continue the run in RUN_DIR from its checkpoint (its config.yaml, then overrides)",
+        help="continue the run in RUN_DIR from its checkpoint (its config.yaml, then overrides); "
+        "a run stopped before its first checkpoint starts over",
     )
 
     commands.add_parser("list", help="list methods, architectures, strategies and datasets")
@@ -101,11 +109,46 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run methods from the toy's start points; write toy.png, toy.md, toy.csv.",
     )
     add_toy_arguments(toy)
+    add_compare_parser(commands)
     plot = commands.add_parser(
-        "plot", help="(re)draw a run folder's figures from its logs (losses, weights, validation)"
+        "plot",
+        help="(re)draw the figures of a run folder (losses, weights, validation) or of a "
+        "compare folder (from its results.csv)",
     )
-    plot.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    plot.add_argument("run_dir", type=Path, metavar="DIR")
     return parser
+
+
+def add_compare_parser(commands: Any) -> None:
+    """The ``mtlkit compare`` subcommand (the work is done by :mod:`mtlkit.compare`)."""
+    compare = commands.add_parser(
+        "compare",
+        help="run a grid of methods x strategies x seeds (x budgets); write results.csv, "
+        "results.md and plots",
+        description="Run every combination of the config's methods, strategies, seeds and "
+        "budgets into OUT/runs/, skipping finished runs and resuming interrupted ones; train the "
+        "single-task baselines once; write OUT/results.csv, OUT/results.md and plots. The config "
+        "is a train config plus the grid keys methods, strategies, seeds, budgets, stl; any key "
+        "can be given as key=value.",
+    )
+    compare.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    compare.add_argument("--config", type=Path, help="YAML grid config")
+    compare.add_argument("--out", dest="flag_out", metavar="OUT", help="sets out (the grid folder)")
+    compare.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="runs at a time, each in a fresh worker process (default 1); 0: every run in "
+        "this process",
+    )
+    compare.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    compare.add_argument(
+        "--tensorboard", action="store_true", help="also log each run to TensorBoard (RUN/tb)"
+    )
+    compare.add_argument(
+        "--print-config", action="store_true", help="print the resolved grid config and exit"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # key=value overrides may come before or after flags: collect the ones argparse leaves over.
     args, rest = parser.parse_known_args(argv)
     stray = [item for item in rest if item.startswith("-") or "=" not in item]
-    if stray or (rest and args.command != "train"):
+    if stray or (rest and args.command not in ("train", "compare")):
         parser.error(f"unrecognized arguments: {' '.join(stray or rest)}")
     if rest:
         args.overrides = [*args.overrides, *rest]
@@ -121,16 +164,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "toy":
             return toy_command(args)
         if args.command == "plot":
-            for path in plot_run(args.run_dir):
+            for path in plot_folder(args.run_dir):
                 print(f"wrote {path}")
             return 0
         if args.command == "list":
             print(list_registered())
             return 0
+        if args.command == "compare":
+            from mtlkit.compare import compare_command  # it builds on this module
+
+            return compare_command(args)
         return train_command(args)
     except MtlkitError as error:
         print(f"mtlkit: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:  # Ctrl-C outside training (which checkpoints and returns 130)
+        print("mtlkit: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -145,6 +195,8 @@ def train_command(args: argparse.Namespace) -> int:
         overrides.append("rep_grad=true")
     if args.no_progress:
         overrides.append("progress=false")
+    if args.tensorboard:
+        overrides.append("tensorboard=true")
     if args.resume is not None:
         if args.config is not None:
             raise ConfigError("--resume takes the config of the run folder; do not give --config")
@@ -153,25 +205,39 @@ def train_command(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume {str(args.resume)!r}: no config.yaml there (not a run)")
         overrides.append(f"out={args.resume}")
         config = load_config(saved, overrides)
+        check_resume(load_config(saved, [f"out={args.resume}"]), config)
     else:
         config = load_config(args.config, overrides)
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
+    check_config(config)  # names, argument types, device, out folder: before reading data
     if args.stl:
         return stl_command(config)
     baseline = load_baseline(config.baseline) if config.baseline is not None else None
-    out_dir = resolve_out_dir(config)
+    init_from_env(config.device)  # under torchrun: the process group of the run (DDP)
+    out_dir = from_rank_zero(resolve_out_dir(config))
     problem = load_problem(config, out_dir)
     if baseline is not None:
         check_baseline(baseline, problem.tasks, config.baseline)
+    resume = args.resume is not None
+    if resume and not (out_dir / CHECKPOINT_NAME).is_file():  # stopped before its first one
+        print(
+            f"mtlkit: no {CHECKPOINT_NAME} in {out_dir} (the run stopped before writing one): "
+            "training it from the start",
+            file=sys.stderr,
+        )
+        resume = False
     try:
-        results = run(config, out_dir, resume=args.resume is not None, problem=problem)
+        results = run(config, out_dir, resume=resume, problem=problem)
     except TrainingInterrupted as stop:
-        print(f"mtlkit: {stop}", file=sys.stderr)
-        if stop.checkpoint is not None:
-            print(f"resume with: mtlkit train --resume {out_dir}", file=sys.stderr)
+        if is_main_process():  # DDP: rank 0 wrote the checkpoint and reports it
+            print(f"mtlkit: {stop}", file=sys.stderr)
+            if stop.checkpoint is not None:
+                print(f"resume with: mtlkit train --resume {out_dir}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if not is_main_process():
+        return 0  # DDP: rank 0 reports and draws
     print(format_results(results))
     if baseline is not None:
         print(format_delta_m(results, problem.tasks, baseline, config.baseline))
@@ -286,8 +352,11 @@ def run(
     when ``resume``); return the test results. ``problem``: the data, already loaded by
     :func:`load_problem` (loaded here otherwise)."""
     torch.manual_seed(config.seed)
+    init_from_env(config.device)  # under torchrun: the process group of the run (DDP)
+    check_config(config)
     if problem is None:
         problem = load_problem(config, out_dir)
+    check_problem(config, [t.name for t in problem.tasks])
     method_args = seeded(METHODS, config.method, config.method_args, config)
     method = METHODS.get(config.method, **method_args)
     strategy = STRATEGIES.get(config.strategy, method=method, **config.strategy_args)
@@ -311,7 +380,13 @@ def run(
         problem.tasks,
         strategy,
         factory,
-        budget=Budget(config.epochs, config.steps, config.passes, config.seconds),
+        budget=Budget(
+            config.epochs,
+            config.steps,
+            config.passes,
+            config.seconds,
+            forward_backward=config.forward_backward,
+        ),
         device=config.device,
         rep_grad=config.rep_grad,
         route=config.route,
@@ -322,9 +397,14 @@ def run(
         progress=config.progress,
         track_exploration=config.track_exploration,
         checkpoint_every=config.checkpoint_every,
+        tensorboard=config.tensorboard,
+        amp=config.amp,
+        accumulate=config.accumulate,
+        on_nonfinite=config.on_nonfinite,
     )
     loaders = make_loaders(problem, config)
-    if out_dir is not None:
+    trainer.validate(loaders["train"])  # before the run's files are written (mtlkit.validation)
+    if out_dir is not None and is_main_process():
         write_atomic(out_dir / "config.yaml", config.to_yaml())
     trainer.fit(loaders["train"], loaders["val"], resume=resume)
     return trainer.evaluate(loaders["test"], split="test")

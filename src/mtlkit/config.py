@@ -15,6 +15,9 @@ Besides the model, method and budget, a config may pick a subset of the problem'
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -25,6 +28,9 @@ from typing import Any
 import yaml
 
 from mtlkit.errors import ConfigError
+
+BUDGET_KEYS = ("epochs", "steps", "passes", "seconds", "forward_backward")
+"""The budget keys (see :class:`mtlkit.Budget`): training stops at the first limit reached."""
 
 
 @dataclass
@@ -50,6 +56,7 @@ class TrainConfig:
     steps: int | None = None
     passes: int | None = None
     seconds: float | None = None
+    forward_backward: int | None = None
     seed: int = 0
     device: str = "cpu"
     rep_grad: bool = False
@@ -62,12 +69,16 @@ class TrainConfig:
     track_exploration: bool = True
     checkpoint_every: int | None = None
     workers: int = 0
+    tensorboard: bool = False
+    amp: str = "none"  # none | bf16 | fp16 (CUDA): autocast + loss scaler (mtlkit.precision)
+    accumulate: int = 1  # micro-batches per optimizer step
+    on_nonfinite: str = "raise"  # raise | skip_step | skip_task (mtlkit.numerics)
 
     def __post_init__(self) -> None:
         for name, value in dataclasses.asdict(self).items():
             setattr(self, name, _check_type(name, value, _hints()[name]))
         positive = {"lr": self.lr, "batch_size": self.batch_size}
-        positive.update({k: getattr(self, k) for k in ("epochs", "steps", "passes", "seconds")})
+        positive.update({k: getattr(self, k) for k in BUDGET_KEYS})
         for key, value in positive.items():
             if value is not None and not value > 0:
                 raise ConfigError(f"{key} must be > 0, got {value}")
@@ -79,12 +90,31 @@ class TrainConfig:
             )
         if self.workers < 0:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        for key in ("lr", "weight_decay", "seconds"):
+            value = getattr(self, key)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number, got {value}")
+        for key in ("lr", "weight_decay"):  # optimizers apply them in the parameters' float32
+            value = getattr(self, key)
+            if value > _FLOAT32_MAX:
+                raise ConfigError(f"{key} must be at most {_FLOAT32_MAX:.3g}, got {value}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be an integer in [0, 2**32), got {self.seed}")
+        if self.on_nonfinite not in ("raise", "skip_step", "skip_task"):
+            raise ConfigError(
+                "on_nonfinite must be one of raise, skip_step, skip_task; "
+                f"got {self.on_nonfinite!r}"
+            )
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ConfigError(f"amp must be one of none, bf16, fp16; got {self.amp!r}")
+        if self.accumulate < 1:
+            raise ConfigError(f"accumulate must be >= 1 (micro-batches), got {self.accumulate}")
         if self.route not in ("auto", "loop", "batched", "gramian"):
             raise ConfigError(
                 f"route must be one of auto, loop, batched, gramian; got {self.route!r}"
             )
-        if all(getattr(self, k) is None for k in ("epochs", "steps", "passes", "seconds")):
-            raise ConfigError("set at least one budget: epochs, steps, passes or seconds")
+        if all(getattr(self, k) is None for k in BUDGET_KEYS):
+            raise ConfigError(f"set at least one budget: {', '.join(BUDGET_KEYS)}")
         if self.tasks is not None:
             if not self.tasks:
                 raise ConfigError("tasks must name at least one task (or be null for all)")
@@ -99,6 +129,8 @@ class TrainConfig:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+
+_FLOAT32_MAX = 3.4028234663852886e38
 
 SCHEDULER_ARGS = {"step": {"step_size": int, "gamma": float}}
 """The ``scheduler_args`` each scheduler takes (``scheduler=step``: ``StepLR(step_size, gamma)``,
@@ -127,7 +159,8 @@ def _check_scheduler_args(scheduler: str, args: Mapping[str, Any]) -> None:
                 raise ConfigError(f"scheduler_args.{key} must be > 0, got {value!r}")
 
 
-def _hints() -> dict[str, Any]:
+@functools.cache
+def _hints() -> dict[str, Any]:  # cached: resolving the hints is slow, and each field asks
     return typing.get_type_hints(TrainConfig)
 
 
@@ -158,6 +191,9 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
+        names = [k for k in value if not isinstance(k, str)]
+        if names:
+            raise ConfigError(f"config key {key!r} must map names to values; got key(s) {names}")
         return dict(value)
     if origin is list:
         (item,) = typing.get_args(tp)
@@ -167,6 +203,8 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > 2**1023:
+            raise ConfigError(f"config key {key!r} is too large for a float: {value}")
         return float(value)
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"config key {key!r} must be {tp.__name__}, got {value!r}")
@@ -175,10 +213,28 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     return value
 
 
+class SafeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data only: no Python objects are ever built), which also
+    reads an exponent without a dot (``1e-3``, ``5E4``) as a float, as YAML 1.2 does (YAML 1.1
+    reads it as a string, so ``lr=1e-3`` was refused)."""
+
+
+SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def safe_load(text: str) -> Any:
+    """``text`` parsed as YAML with :class:`SafeLoader`."""
+    return yaml.load(text, Loader=SafeLoader)  # a SafeLoader subclass: plain data only
+
+
 def parse_value(text: str) -> Any:
     """A command-line value: YAML scalar or flow collection (``0.3``, ``true``, ``[1, 2]``)."""
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        return safe_load(text) if text != "" else ""
     except yaml.YAMLError as error:
         raise ConfigError(f"cannot parse value {text!r}: {error}") from error
 
@@ -207,22 +263,30 @@ def apply_overrides(base: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
     return result
 
 
+def read_config_file(path: str | Path | None) -> dict[str, Any]:
+    """The mapping of a YAML config file (``{}`` for ``None``), keys with ``-`` read as ``_``;
+    not validated (:func:`load_config` does that)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        loaded = safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {error}") from error
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, Mapping):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """The config from a YAML file (optional) and ``key=value`` overrides, validated."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, Mapping):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
-        data = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+    data = read_config_file(path)
     unknown = sorted(set(data) - set(config_keys()))
     if unknown:
         raise ConfigError(

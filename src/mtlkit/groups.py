@@ -56,6 +56,12 @@ GroupSpec = Union[str, Sequence[Sequence[str]], RandomGroups]  # noqa: UP007 (ru
 
 def check_partition(groups: Sequence[Sequence[str]], tasks: Sequence[str]) -> list[list[str]]:
     """``groups`` as lists, checked to be a partition of ``tasks`` into non-empty groups."""
+    if not isinstance(groups, (list, tuple)) or not all(
+        isinstance(g, (list, tuple)) and all(isinstance(t, str) for t in g) for g in groups
+    ):
+        raise ConfigError(
+            f"groups must be a list of task-name lists (e.g. [['a', 'b'], ['c']]), got {groups!r}"
+        )
     groups = [list(g) for g in groups]
     flat = [t for g in groups for t in g]
     unknown = sorted(set(flat) - set(tasks))

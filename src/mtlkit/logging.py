@@ -1,4 +1,5 @@
-"""Result files: CSV logs appended row by row, JSON written atomically (temp file + rename)."""
+"""Result files: CSV logs appended row by row, JSON written atomically (temp file + rename),
+and the optional TensorBoard mirror of the CSV logs (:func:`with_tensorboard`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from mtlkit.errors import MtlkitError
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once, at import (os.umask can only be read by setting it)
+
 
 @contextmanager
 def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
@@ -23,6 +29,7 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600: the mode of a file open() creates
         encoding = None if "b" in mode else "utf-8"
         with os.fdopen(fd, mode, encoding=encoding) as handle:
             yield handle
@@ -126,3 +133,86 @@ def _format(value: Any) -> Any:
     if isinstance(value, float):
         return f"{value:.6g}"
     return value
+
+
+# --- TensorBoard (optional: pip install "mtlkit[tensorboard]") ----------------------------------
+
+
+def require_tensorboard() -> Any:
+    """torch's ``SummaryWriter`` class, or an :class:`~mtlkit.errors.MtlkitError` that names the
+    extra to install when TensorBoard is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise MtlkitError(
+            'tensorboard logging needs TensorBoard: pip install "mtlkit[tensorboard]" '
+            f"(or pip install tensorboard); tensorboard=false turns it off ({error})"
+        ) from error
+    return SummaryWriter
+
+
+class TensorBoardLog:
+    """A :class:`CsvLog` whose rows are also written as TensorBoard scalars to ``log_dir``: every
+    numeric column but the first (``step`` for ``steps.csv``, ``epoch`` for ``metrics.csv``),
+    which is the scalars' global step. It has the CSV log's interface (``append``, ``flush``,
+    ``close``, ``rows``).
+
+    A new log removes the event files an earlier run left in ``log_dir`` (as the CSV log
+    truncates its file); a resumed one (``resumed``) keeps them and hides the events after the
+    last row the CSV kept, which the run redoes (``purge_step``).
+    """
+
+    def __init__(self, log: CsvLog, log_dir: str | Path, resumed: bool = False) -> None:
+        summary_writer = require_tensorboard()
+        self.log = log
+        self.x = log.columns[0]
+        if resumed:
+            purge = _last_value(log.path, self.x) + 1
+        else:
+            purge = None
+            for stale in Path(log_dir).glob("events.out.tfevents.*"):
+                stale.unlink()
+        self.writer = summary_writer(str(log_dir), purge_step=purge)
+
+    @property
+    def rows(self) -> int:
+        return self.log.rows
+
+    @property
+    def columns(self) -> list[str]:
+        return self.log.columns
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        self.log.append(row)
+        step = int(row[self.x])
+        for key, value in row.items():
+            if key == self.x or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if math.isfinite(value):
+                self.writer.add_scalar(key, float(value), step)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.log.close()
+        self.writer.close()
+
+
+def with_tensorboard(
+    logs: Mapping[str, CsvLog], root: str | Path, resumed: bool = False
+) -> dict[str, TensorBoardLog]:
+    """Each CSV log ``name`` mirrored to TensorBoard under ``root/name`` (``tb/steps``,
+    ``tb/metrics``; one folder per log, since their global steps are steps and epochs)."""
+    return {name: TensorBoardLog(log, Path(root) / name, resumed) for name, log in logs.items()}
+
+
+def _last_value(path: Path, column: str) -> int:
+    """The ``column`` value of the last data row of a CSV log (0 if it has none)."""
+    last = 0
+    with open(path, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            if row.get(column):
+                last = int(float(row[column]))
+    return last

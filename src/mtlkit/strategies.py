@@ -22,11 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from mtlkit.autograd import StepRoute, backward, jacobian
+from mtlkit.distributed import Reducer, accumulate, check_parallel
 from mtlkit.errors import ConfigError
 from mtlkit.gramian_engine import LayerCapture
 from mtlkit.groups import GroupSchedule, GroupSpec, RandomGroups, Resample
 from mtlkit.methods import EW, Method
 from mtlkit.methods.base import GramianWeighting, StepProbe
+from mtlkit.numerics import NonFiniteGuard
 from mtlkit.registry import Registry
 
 Scheduler = Any  # torch.optim.lr_scheduler.LRScheduler or anything with step()/state_dict()
@@ -80,6 +82,14 @@ class StrategyContext:
         draw_batches: ``count -> [batch, ...]``: training batches independent of the current
             one, for methods with ``extra_batches > 0`` (the Trainer draws them from a separately
             shuffled copy of the training data, already on the device).
+        reducer: DDP / loss-scaling hook given to :func:`mtlkit.backward`
+            (:mod:`mtlkit.distributed`); ``None`` for one process in float32.
+        optimizer_step: ``optimizer -> stepped``: takes an optimizer step (the Trainer's also
+            synchronises gradients across processes and skips the step on an fp16 overflow).
+        accumulate: micro-batches per optimizer step (:func:`mtlkit.distributed.accumulate`).
+        on_nonfinite: what a step does on a NaN/inf loss, gradient or solver failure:
+            ``raise``, ``skip_step`` or ``skip_task`` (:mod:`mtlkit.numerics`; the context's
+            ``guard`` applies it).
     """
 
     model: MultiTaskModel
@@ -90,9 +100,18 @@ class StrategyContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     on_optimizer_step: Callable[[], None] = field(default=lambda: None)
     draw_batches: Callable[[int], list[Any]] = field(default=lambda count: _no_batches(count))
+    reducer: Reducer | None = None
+    optimizer_step: Callable[[torch.optim.Optimizer], bool] = field(
+        default=lambda optimizer: optimizer.step() or True
+    )
+    accumulate: int = 1
+    on_nonfinite: str = "raise"
     capture: LayerCapture | None = field(default=None, init=False, repr=False)
+    guard: NonFiniteGuard = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        distributed = bool(getattr(self.reducer, "distributed", False))
+        self.guard = NonFiniteGuard(self.on_nonfinite, self.accumulate, distributed)
         if self.route == "gramian" and not self.rep_grad:
             self.capture = LayerCapture(
                 self.model, shared=self.model.shared_parameters(), verify=True
@@ -131,6 +150,7 @@ def check_method(method: Method, context: StrategyContext) -> None:
             "parameters (extra_batches > 0); the features route (rep_grad) gives per-sample "
             "feature gradients that cannot be paired across batches: use rep_grad=false"
         )
+    check_parallel(method, context)
 
 
 @dataclass
@@ -173,6 +193,11 @@ class Strategy:
         """The learning-rate schedulers, stepped once per epoch by ``on_epoch_end``."""
         return []
 
+    @property
+    def guard(self) -> NonFiniteGuard | None:
+        """The ``on_nonfinite`` guard of the steps (its counters), once set up."""
+        return getattr(getattr(self, "context", None), "guard", None)
+
     def on_epoch_end(self, epoch: int) -> None:
         for scheduler in self.schedulers():
             scheduler.step()
@@ -206,14 +231,22 @@ def method_update(
         The task weights the method used (empty for weightless aggregators) and the number of
         backward passes through the shared part of the model.
     """
+    if not context.guard.busy:  # the on_nonfinite checks and policy (mtlkit.numerics)
+        return context.guard.update(
+            result,
+            tasks,
+            lambda r, ts: method_update(r, ts, method, shared, context, compute_losses),
+            context,
+        )
     backwards = 0
     if method.extra_batches and not method.needs_probe:
         jacobians = []
         for batch in context.draw_batches(method.extra_batches):
             extra = compute_losses(batch)
             losses = [extra.losses[t] for t in tasks]
+            jac = jacobian(losses, shared, route=context.jacobian_route, retain_graph=False)
             jacobians.append(
-                jacobian(losses, shared, route=context.jacobian_route, retain_graph=False)
+                jac if context.reducer is None else context.reducer.reduce_jacobian(jac)
             )
             backwards += len(tasks)
         method.observe_extra(jacobians)
@@ -227,12 +260,34 @@ def method_update(
         features=features,
         route=context.jacobian_route,
         capture=capture,
+        reducer=context.reducer,
     )
     if context.capture is not None:
         context.capture.clear()  # records this backward did not consume (loss weightings)
     per_task = method.kind == "gradient" and features is None and len(tasks) > 1
     named = {} if weights is None else dict(zip(tasks, weights.tolist()))
     return named, backwards + (len(tasks) if per_task else 1)
+
+
+def forward_backward(
+    batch: Any,
+    tasks: Sequence[str],
+    method: Method,
+    shared: Sequence[nn.Parameter],
+    context: StrategyContext,
+    compute_losses: ComputeLosses,
+) -> tuple[ForwardResult, dict[str, float], int]:
+    """The forward pass and :func:`method_update` of one optimizer step over ``tasks``, or with
+    ``context.accumulate > 1`` the same over micro-batches (:func:`mtlkit.distributed.accumulate`).
+
+    Returns:
+        The forward's losses, the task weights and the backward passes through the shared part.
+    """
+    if context.accumulate > 1:
+        return accumulate(batch, tasks, method, shared, context, compute_losses, method_update)
+    result = compute_losses(batch)
+    weights, backwards = method_update(result, tasks, method, shared, context, compute_losses)
+    return result, weights, backwards
 
 
 def prepare_method(
@@ -306,18 +361,22 @@ class Joint(Strategy):
 
     def step(self, batch: Any, compute_losses: ComputeLosses, step: int) -> StepReport:
         context = self._require_setup()
+        context.guard.begin(self.trained, self.method, lambda: compute_losses(batch))
         self.method.before_step(step)
         prepare_method(
             self.method, batch, context.tasks, self.trained, self.optimizer, context, compute_losses
         )
         self.optimizer.zero_grad(set_to_none=True)
-        result = compute_losses(batch)
-        weights, backwards = method_update(
-            result, context.tasks, self.method, self.shared, context, compute_losses
+        result, weights, backwards = forward_backward(
+            batch, context.tasks, self.method, self.shared, context, compute_losses
         )
-        self.optimizer.step()
-        context.on_optimizer_step()
-        self.method.after_step(losses_after_step(self.method, batch, compute_losses, context.tasks))
+        if context.guard.commit(context):  # False: a skipped step (mtlkit.numerics)
+            context.optimizer_step(self.optimizer)
+            context.guard.check_weights()
+            context.on_optimizer_step()
+            self.method.after_step(
+                losses_after_step(self.method, batch, compute_losses, context.tasks)
+            )
         return StepReport(first_losses(result), weights, steps=1, backwards=backwards)
 
     def methods(self) -> list[Method]:
@@ -492,6 +551,7 @@ class Alternating(Strategy):
         for offset, g in enumerate(order):
             group, method = groups[g], self.group_methods[g]
             optimizer = self.optimizers[0 if self.optimizer_mode == "shared" else g]
+            context.guard.begin(self._step_parameters(group), method, lambda: compute_losses(batch))
             method.before_step(step + offset)
             prepare_method(
                 method,
@@ -503,15 +563,16 @@ class Alternating(Strategy):
                 compute_losses,
             )
             optimizer.zero_grad(set_to_none=True)
-            result = compute_losses(batch)
+            result, group_weights, passes = forward_backward(
+                batch, group, method, self.shared, context, compute_losses
+            )
             if not report_losses:
                 report_losses = first_losses(result)
-            group_weights, passes = method_update(
-                result, group, method, self.shared, context, compute_losses
-            )
-            optimizer.step()
-            context.on_optimizer_step()
-            method.after_step(losses_after_step(method, batch, compute_losses, group))
+            if context.guard.commit(context):  # False: a skipped step (mtlkit.numerics)
+                context.optimizer_step(optimizer)
+                context.guard.check_weights()
+                context.on_optimizer_step()
+                method.after_step(losses_after_step(method, batch, compute_losses, group))
             weights.update(group_weights)
             backwards += passes
         return StepReport(report_losses, weights, steps=len(groups), backwards=backwards)

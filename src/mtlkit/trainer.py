@@ -16,6 +16,7 @@ and on SIGINT/SIGTERM.
 from __future__ import annotations
 
 import copy
+import csv
 import math
 import resource
 import signal
@@ -38,16 +39,22 @@ from mtlkit.checkpoint import (
     MODEL_NAME,
     LoaderPosition,
     load_checkpoint,
+    remove_partial_files,
     save_checkpoint,
 )
 from mtlkit.data.multi_input import MultiInputLoader
 from mtlkit.diagnostics import ExplorationTracker, exploration_parameters
-from mtlkit.errors import MtlkitError, NonFiniteError
-from mtlkit.logging import CsvLog, write_json_atomic
+from mtlkit.distributed import Parallel
+from mtlkit.errors import ConfigError, MtlkitError, NonFiniteError
+from mtlkit.logging import CsvLog, require_tensorboard, with_tensorboard, write_json_atomic
+from mtlkit.methods.solvers import SolverError
+from mtlkit.numerics import check_policy
 from mtlkit.optim import OptimizerFactory
 from mtlkit.optim import optimizer as default_optimizer
+from mtlkit.precision import Precision
 from mtlkit.strategies import ForwardResult, Joint, Strategy, StrategyContext
 from mtlkit.tasks import Task
+from mtlkit.validation import check_training
 
 
 @dataclass(frozen=True)
@@ -55,30 +62,38 @@ class Budget:
     """When training stops: the first of these limits reached (``None`` = no limit).
 
     ``passes`` counts forward passes of the model (each ``compute_losses`` call); a strategy that
-    steps several times per batch spends several passes per batch.
+    steps several times per batch spends several passes per batch. ``forward_backward`` counts
+    forward passes plus backward passes through the shared part (``StepReport.backwards``: a
+    gradient aggregator on the parameter route spends one per task), the budget for comparing
+    methods of different cost at equal compute.
     """
 
     epochs: int | None = 10
     steps: int | None = None
     passes: int | None = None
     seconds: float | None = None
+    forward_backward: int | None = None
 
     def __post_init__(self) -> None:
         limits = asdict(self)
         if all(v is None for v in limits.values()):
             raise MtlkitError(
-                "the training budget needs at least one of epochs, steps, passes, seconds"
+                "the training budget needs at least one of epochs, steps, passes, seconds, "
+                "forward_backward"
             )
         for key, value in limits.items():
             if value is not None and not value > 0:
                 raise MtlkitError(f"budget {key} must be > 0, got {value}")
 
-    def spent(self, epochs: int, steps: int, passes: int, seconds: float) -> bool:
+    def spent(
+        self, epochs: int, steps: int, passes: int, seconds: float, backwards: int = 0
+    ) -> bool:
         return (
             (self.epochs is not None and epochs >= self.epochs)
             or (self.steps is not None and steps >= self.steps)
             or (self.passes is not None and passes >= self.passes)
             or (self.seconds is not None and seconds >= self.seconds)
+            or (self.forward_backward is not None and passes + backwards >= self.forward_backward)
         )
 
 
@@ -126,6 +141,21 @@ class Trainer:
         checkpoint_every: write ``out_dir/checkpoint.pt`` (atomically) every this many batches,
             and at the end of ``fit``; ``None``: only on SIGINT/SIGTERM. Resume with
             ``fit(..., resume=True)``.
+        tensorboard: also write the rows of ``steps.csv`` and ``metrics.csv`` as TensorBoard
+            scalars to ``out_dir/tb/steps`` and ``out_dir/tb/metrics`` (needs the
+            ``tensorboard`` extra).
+        amp: mixed precision of the forward pass: ``"none"``, ``"bf16"`` or ``"fp16"`` (CUDA,
+            with a loss scaler), or a :class:`~mtlkit.precision.Precision`.
+        accumulate: micro-batches per optimizer step (gradient accumulation; see
+            :mod:`mtlkit.distributed`).
+        distributed: DDP over the initialised ``torch.distributed`` process group (``None``:
+            when there is one of more than one process; ``False``: never). Each process gets
+            its shard of every training batch, the methods see the global batch's losses and
+            Jacobians, and only rank 0 writes files (:mod:`mtlkit.distributed`).
+        on_nonfinite: what a step does on a NaN/inf task loss or gradient or a failed solver:
+            ``"raise"`` (default; the error names the task, epoch, batch and step),
+            ``"skip_step"`` or ``"skip_task"`` (:mod:`mtlkit.numerics`; counters in
+            ``summary.json`` under ``nonfinite``).
     """
 
     def __init__(
@@ -146,6 +176,11 @@ class Trainer:
         progress: bool = True,
         track_exploration: bool = True,
         checkpoint_every: int | None = None,
+        tensorboard: bool = False,
+        amp: str | Precision = "none",
+        accumulate: int = 1,
+        distributed: bool | None = None,
+        on_nonfinite: str = "raise",
     ) -> None:
         self.tasks = list(tasks)
         names = [t.name for t in self.tasks]
@@ -154,6 +189,9 @@ class Trainer:
         self.task_names = names
         self.by_name = {t.name: t for t in self.tasks}
         self.device = resolve_device(device)
+        precision = amp if isinstance(amp, Precision) else Precision(amp, self.device)
+        self.parallel = Parallel(distributed, precision, accumulate)
+        self.device = self.parallel.local_device(self.device)  # DDP on CUDA: LOCAL_RANK's GPU
         self.model = model.to(self.device)
         self.strategy = strategy if strategy is not None else Joint()
         self.optimizer_factory = optimizer if optimizer is not None else default_optimizer()
@@ -162,9 +200,13 @@ class Trainer:
         self.route = route
         self.select = self._check_select(select)
         self.seed = seed
-        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self._run_dir = Path(out_dir) if out_dir is not None else None  # every rank reads it
+        self.out_dir = self._run_dir if self.parallel.is_main else None  # rank 0 writes
         self.config = dict(config or {})
-        self.progress_bar = progress
+        self.progress_bar = progress and self.parallel.is_main
+        self.tensorboard = tensorboard
+        if tensorboard and self.out_dir is not None:
+            require_tensorboard()  # fail before training when the extra is missing
         self.multi_input = bool(getattr(model, "multi_input", False))
         if rep_grad and not getattr(model, "has_shared_representation", False):
             raise MtlkitError(
@@ -187,6 +229,8 @@ class Trainer:
         self._epoch: EpochAccumulator | None = None
         self._final_exploration: dict[str, float] | None = None
         self._setup_done = False
+        self.on_nonfinite = check_policy(on_nonfinite)
+        self._validated = False
 
     # ------------------------------------------------------------------ training
     def fit(
@@ -209,14 +253,24 @@ class Trainer:
         torch.manual_seed(self.seed)
         train = self._as_loader(train)
         self._extra_batches = BatchStream(
-            train, seed=self.seed + 7919, transform=lambda b: to_device(b, self.device)
+            train,
+            seed=self.seed + 7919,
+            transform=lambda b: to_device(self.parallel.shard_batch(b), self.device),
         )
-        self._setup_strategy()
+        train = self.parallel.shard(train)  # DDP: this process's part of every batch
+        self.validate(train)  # sets up the strategy; checks before the first step
         position = LoaderPosition()
         log_rows: dict[str, int] | None = None
         if resume:
             position, log_rows = self._restore(self._checkpoint_path(resume))
-        logs = self._open_logs(log_rows)
+        if self.out_dir is not None:  # temporary files of writes that a kill interrupted
+            remove_partial_files(self.out_dir)
+        try:
+            logs = self._open_logs(log_rows)
+        except (ValueError, csv.Error, OSError) as error:  # a damaged or foreign log file
+            raise MtlkitError(f"cannot continue the logs in {self.out_dir}: {error}") from None
+        if logs and self.tensorboard:  # the same rows as TensorBoard scalars under out_dir/tb
+            logs = with_tensorboard(logs, self.out_dir / "tb", resumed=bool(resume))
         start = time.perf_counter() - self.progress.seconds
         try:
             with StopOnSignal() as stop:
@@ -255,9 +309,36 @@ class Trainer:
                 device=self.device,
                 on_optimizer_step=self._after_optimizer_step,
                 draw_batches=lambda count: self._extra_batches.draw(count),
+                reducer=self.parallel.reducer,
+                optimizer_step=self.parallel.optimizer_step,
+                accumulate=self.parallel.accumulate,
+                on_nonfinite=self.on_nonfinite,
             )
         )
+        self.parallel.attach(self.model, self.strategy.methods())  # DDP: rank 0's start
         self._setup_done = True
+
+    def validate(self, train: Iterable[Any]) -> None:
+        """Check the run before its first step and set up the strategy (``fit`` calls it; the
+        CLI calls it before writing the run's files): the loader and the model take the same
+        kind of input, every method can run on its number of tasks, and one dry forward pass on
+        the first batch gives every task an output its loss accepts (:mod:`mtlkit.validation`).
+
+        Raises:
+            ConfigError: naming what does not fit.
+        """
+        if self._validated:
+            return
+        try:
+            self._setup_strategy()
+        except ValueError as error:  # a method that cannot take these tasks (its convention)
+            if isinstance(error, MtlkitError):
+                raise
+            raise ConfigError(
+                f"{self.strategy!r} cannot be set up for the tasks {self.task_names}: {error}"
+            ) from error
+        check_training(self, self._as_loader(train))
+        self._validated = True
 
     def _train_epoch(
         self,
@@ -291,8 +372,8 @@ class Trainer:
             batch = to_device(batch, self.device)
             try:
                 report = self.strategy.step(batch, self._compute_losses, self.progress.steps)
-            except NonFiniteError as error:
-                raise NonFiniteError(
+            except (NonFiniteError, SolverError) as error:
+                raise type(error)(
                     f"{error} (task order {self.task_names}) at epoch {self.progress.epoch}, "
                     f"batch {index}, step {self.progress.steps}"
                 ) from error
@@ -300,6 +381,7 @@ class Trainer:
             self.progress.steps += report.steps
             self.backwards += report.backwards
             self.progress.seconds = time.perf_counter() - start
+            self.parallel.agree(self.progress, stop)  # DDP: every rank stops at the same batch
             self._batches_seen += 1
             epoch.add(report.losses)
             epoch.rng_after_last_batch = torch.get_rng_state()
@@ -357,9 +439,9 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     def _checkpoint_path(self, where: str | Path | bool) -> Path:
         if where is True:
-            if self.out_dir is None:
+            if self._run_dir is None:
                 raise MtlkitError("resume=True needs out_dir (the run folder to resume)")
-            return self.out_dir / CHECKPOINT_NAME
+            return self._run_dir / CHECKPOINT_NAME
         path = Path(where)  # type: ignore[arg-type]
         return path / CHECKPOINT_NAME if path.is_dir() else path
 
@@ -377,6 +459,7 @@ class Trainer:
             {
                 "model": self.model.state_dict(),
                 "strategy": self.strategy.state_dict(),
+                "nonfinite": None if self._guard() is None else self._guard().state_dict(),
                 "progress": asdict(self.progress),
                 "counters": {
                     "backwards": self.backwards,
@@ -396,14 +479,24 @@ class Trainer:
                 "extra_batches": self._extra_batches.state_dict(),
                 "rng": torch.get_rng_state(),
                 "log_rows": {name: log.rows for name, log in (logs or {}).items()},
+                "precision": self.parallel.state_dict(),
             },
         )
         return path
 
     def _restore(self, path: Path) -> tuple[LoaderPosition, dict[str, int]]:
         state = load_checkpoint(path)
-        self.model.load_state_dict(state["model"])
-        self.strategy.load_state_dict(state["strategy"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.strategy.load_state_dict(state["strategy"])
+        except (RuntimeError, ValueError, KeyError, IndexError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise MtlkitError(
+                f"checkpoint {str(path)!r} does not fit this model and strategy (was it written "
+                f"by a run with another architecture, method, strategy or tasks?): {first}"
+            ) from None
+        if state.get("nonfinite") and self._guard() is not None:
+            self._guard().load_state_dict(state["nonfinite"])
         self.progress = Progress(**state["progress"])
         counters = state["counters"]
         self.backwards = counters["backwards"]
@@ -424,7 +517,12 @@ class Trainer:
         position.load_state_dict(state["position"])
         self._extra_batches.load_state_dict(state["extra_batches"])
         torch.set_rng_state(state["rng"])
+        self.parallel.load_state_dict(state.get("precision", {}))
         return position, dict(state["log_rows"])
+
+    def _guard(self) -> Any:
+        """The strategy's ``on_nonfinite`` guard (its counters), once set up."""
+        return getattr(self.strategy, "guard", None)
 
     def _compute_losses(self, batch: Any) -> ForwardResult:
         """One forward pass: the loss of every task (and the features for ``rep_grad``)."""
@@ -437,7 +535,8 @@ class Trainer:
                 outputs, z = self._forward(inputs, task=t)
                 losses[t] = self.by_name[t].loss(outputs[t], target)
                 features.append(z)
-            return ForwardResult(self._add_auxiliary(losses), features if self.rep_grad else None)
+            result = ForwardResult(self._add_auxiliary(losses), features if self.rep_grad else None)
+            return self.parallel.prepare(result)  # AMP: loss-scaled; DDP: global values
         inputs, targets = batch
         outputs, z = self._forward(inputs)
         missing = [t for t in self.task_names if t not in outputs or t not in targets]
@@ -448,7 +547,7 @@ class Trainer:
             )
         for t in self.task_names:
             losses[t] = self.by_name[t].loss(outputs[t], targets[t])
-        return ForwardResult(self._add_auxiliary(losses), z)
+        return self.parallel.prepare(ForwardResult(self._add_auxiliary(losses), z))
 
     def _add_auxiliary(self, losses: dict[str, Tensor]) -> dict[str, Tensor]:
         """Add the model's per-task auxiliary terms (``model.auxiliary_losses()``, e.g.
@@ -475,15 +574,18 @@ class Trainer:
         self, inputs: Any, task: str | None = None
     ) -> tuple[dict[str, Tensor], Tensor | None]:
         kwargs: dict[str, Any] = {} if task is None else {"task": task}
-        if self.rep_grad:
-            return self.model(inputs, return_features=True, **kwargs)
-        return self.model(inputs, **kwargs), None
+        precision = self.parallel.precision
+        with precision.autocast():  # outputs back in float32 for the losses
+            if self.rep_grad:
+                outputs, z = self.model(inputs, return_features=True, **kwargs)
+                return precision.outputs(outputs), z
+            return precision.outputs(self.model(inputs, **kwargs)), None
 
     def _budget_spent(self, within_epoch: bool = False) -> bool:
         p = self.progress
         # Inside an epoch only the step, pass and time limits can end it early.
         epochs = 0 if within_epoch else p.epoch
-        return self.budget.spent(epochs, p.steps, p.passes, p.seconds)
+        return self.budget.spent(epochs, p.steps, p.passes, p.seconds, self.backwards)
 
     def exploration_metrics(self) -> dict[str, float]:
         """Path length and distance from the initialisation of the shared parameters."""
@@ -588,6 +690,7 @@ class Trainer:
             "config": self.config,
             "tasks": self.task_names,
             "strategy": repr(self.strategy),
+            "nonfinite": None if self._guard() is None else self._guard().counts(),
             "results": self.results,
             "best_epoch": self.best_epoch,
             "selection": self.select,
@@ -599,6 +702,8 @@ class Trainer:
                 "seconds_per_epoch": p.seconds / p.epoch if p.epoch else None,
                 "forwards_per_batch": p.passes / batches if batches else None,
                 "backwards_per_batch": self.backwards / batches if batches else None,
+                "batches": batches,
+                "backwards": self.backwards,
                 "peak_memory_mb": peak_memory_mb(self.device),
                 # path and distance of the last weights (not of the selected model)
                 **(self._final_exploration or self.exploration_metrics()),

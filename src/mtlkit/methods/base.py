@@ -25,6 +25,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from mtlkit.methods.blas_threads import single_blas_thread
+
 
 @dataclass
 class WeightedLoss:
@@ -178,6 +180,14 @@ class GradientAggregator(Method):
     """
 
     kind = "gradient"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every ``forward``/``weights`` runs with NumPy's BLAS on one thread
+        (:mod:`mtlkit.methods.blas_threads`: its spinning workers slowed the step 2.5x)."""
+        super().__init_subclass__(**kwargs)
+        for name in ("forward", "weights"):
+            if name in cls.__dict__:
+                setattr(cls, name, single_blas_thread(cls.__dict__[name]))
 
     def __init__(self) -> None:
         super().__init__()
