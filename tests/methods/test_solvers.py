@@ -116,6 +116,34 @@ def test_projection_satisfies_its_kkt_conditions(seed: int, m: int, n: int) -> N
     assert np.abs(lam * slack).max() <= 1e-10
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    m=st.integers(2, 6),
+    tiny=st.sampled_from([1e-4, 1e-6, 1e-8]),
+)
+def test_projection_holds_tiny_rows_to_their_own_scale(seed: int, m: int, tiny: float) -> None:
+    """A constraint row 1e-6 of the others must hold to the tolerance *relative to its norm*
+    (DAQP's tolerance is absolute: the rows are scaled to unit norm before the solve)."""
+    rng = np.random.default_rng(seed)
+    factor = rng.standard_normal((m, 3))
+    factor /= np.linalg.norm(factor, axis=1, keepdims=True)
+    factor[0] *= tiny
+    y = 10 * rng.standard_normal(3)
+    lower = np.zeros(m)
+    lower[0] = tiny * rng.uniform(0.1, 1.0)  # the tiny task asks for a positive level
+    try:
+        projection = PolyhedralProjector(factor)(y, lower)
+    except InfeasibleError:
+        return  # the polyhedron can be empty for b_0 > 0
+    x, lam = projection.x, projection.multipliers
+    relative_slack = (factor @ x - lower) / np.linalg.norm(factor, axis=1)
+    assert relative_slack.min() >= -1e-9
+    np.testing.assert_allclose(x, y + factor.T @ lam, atol=1e-9 * max(1.0, np.abs(y).max()))
+    assert (lam >= 0).all()
+    assert np.abs(lam * (factor @ x - lower)).max() <= 1e-8
+
+
 def test_projection_reuses_its_workspace_and_reports_infeasibility() -> None:
     factor = np.array([[1.0, 0.0], [-1.0, 0.0]])
     projector = PolyhedralProjector(factor)
@@ -287,17 +315,30 @@ def test_hull_distance() -> None:
 
 
 def test_projector_recovers_when_daqp_setup_reports_infeasibility() -> None:
-    """Regression: on CAGrad's level search (the toy from (9, 9), step 2982) DAQP's *setup*
-    found the first problem infeasible (flag -1) and built no workspace; the projector kept the
-    model and the next call failed with DAQP's "Model has not been set up". Now the setup's flag
-    is checked (InfeasibleError) and the next call sets up afresh. Data of that step."""
+    """Regression: DAQP's *setup* can find the first problem infeasible (flag -1) and build no
+    workspace; the projector then kept the model and the next call failed with DAQP's "Model
+    has not been set up". Now the setup's flag is checked (InfeasibleError) and the next call
+    sets up afresh."""
+    projector = PolyhedralProjector(np.array([[1.0, 0.0], [-1.0, 0.0]]))
+    with pytest.raises(InfeasibleError):
+        projector(np.zeros(2), np.ones(2))  # x1 >= 1 and -x1 >= 1, at the setup
+    y = np.array([0.5, -2.0])
+    projection = projector(y, np.full(2, -1.0))  # a loose, feasible level: x = y
+    np.testing.assert_allclose(projection.x, y)
+    np.testing.assert_array_equal(projection.multipliers, [0.0, 0.0])
+
+
+def test_a_tiny_row_no_longer_makes_a_feasible_projection_look_empty() -> None:
+    """CAGrad's level search on the toy from (9, 9), step 2982: a constraint row 2e-6 of the
+    other made DAQP (absolute tolerances) report this feasible problem infeasible at setup;
+    with the rows scaled to unit norm it is solved, to the tolerance relative to each row."""
     factor = np.array(
         [[-4.468049687568623e-07, -1.9266799663429824e-06], [1.0, -8.608501821663488e-13]]
     )
     y = np.array([0.4999997765975156, -9.633404135965824e-07])
-    projector = PolyhedralProjector(factor)
-    with pytest.raises(InfeasibleError):
-        projector(y, np.full(2, 1.7216119244993367e-07))
-    projection = projector(y, np.full(2, -1.0))  # a loose, feasible level: x = y
-    np.testing.assert_allclose(projection.x, y)
-    np.testing.assert_array_equal(projection.multipliers, [0.0, 0.0])
+    lower = np.full(2, 1.7216119244993367e-07)
+    projection = PolyhedralProjector(factor)(y, lower)
+    x, lam = projection.x, projection.multipliers
+    assert ((factor @ x - lower) / np.linalg.norm(factor, axis=1)).min() >= -1e-12
+    np.testing.assert_allclose(x, y + factor.T @ lam, rtol=1e-9, atol=1e-12)
+    assert (lam >= 0).all() and np.abs(lam * (factor @ x - lower)).max() <= 1e-12

@@ -173,14 +173,23 @@ class PolyhedralProjector:
     ``b ≤ 0`` it always is); its KKT conditions are ``x = y + Lᵀλ``, ``λ ≥ 0``, ``L x ≥ b``,
     ``λ_i (Lx - b)_i = 0``. DAQP's workspace is set up once and reused for each new ``(y, b)``.
 
+    DAQP gets every non-zero row scaled to unit norm (``L_i x ≥ b_i`` as
+    ``(L_i/|L_i|) x ≥ b_i/|L_i|``, the same set) and the multipliers are scaled back: its
+    feasibility tolerance is absolute, so a task whose gradient is 1e-6 of the largest would
+    otherwise be allowed a violation of its own size (seen with CAGrad on the toy).
+
     Args:
         factor: ``L``, rows scaled to norms ≤ 1 (as from :func:`gramian_factor` of a normalised
             Gramian).
-        tol: DAQP's primal feasibility tolerance (constraint violation allowed at the solution).
+        tol: DAQP's primal feasibility tolerance (constraint violation allowed at the solution,
+            relative to the row's norm).
     """
 
     def __init__(self, factor: np.ndarray, tol: float = 1e-12) -> None:
         self.factor = np.ascontiguousarray(factor, dtype=np.float64)
+        norms = np.linalg.norm(self.factor, axis=1)
+        self._row_scale = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 1.0)
+        self._scaled = np.ascontiguousarray(self.factor * self._row_scale[:, None])
         self.tol = tol
         self._model: Any = None
 
@@ -191,12 +200,13 @@ class PolyhedralProjector:
                 raise InfeasibleError("projection onto an empty polyhedron (zero Gramian, b > 0)")
             return Projection(np.zeros(0), np.zeros(m))
         upper = np.full(m, 1e30)
+        lower = lower * self._row_scale
         if self._model is None:
             daqp = _daqp()
             model = daqp.Model()
             model.settings = {"primal_tol": self.tol}
             sense = np.zeros(m, dtype=np.intc)
-            status = model.setup(np.eye(r), -y, self.factor, upper, lower, sense)
+            status = model.setup(np.eye(r), -y, self._scaled, upper, lower, sense)
             flag = int(status[0] if isinstance(status, tuple) else status)
             if flag < 0:  # the workspace was not built: the next call must set up afresh
                 if flag == -1:
@@ -212,9 +222,9 @@ class PolyhedralProjector:
         if flag != 1:
             reason = _DAQP_EXIT.get(int(flag), "unknown exit flag")
             raise SolverError(f"DAQP failed on a projection QP: exit flag {flag} ({reason})")
-        # DAQP's multipliers are ≤ 0 for active lower bounds.
+        # DAQP's multipliers are ≤ 0 for active lower bounds; those of the scaled rows.
         multipliers = np.maximum(-np.asarray(info["lam"], dtype=np.float64), 0.0)
-        return Projection(np.asarray(x, dtype=np.float64), multipliers)
+        return Projection(np.asarray(x, dtype=np.float64), multipliers * self._row_scale)
 
 
 def dual_cone_weights(gramian: np.ndarray, targets: np.ndarray) -> np.ndarray:
