@@ -129,6 +129,7 @@ def final_weights(run_dir):
     return load_checkpoint(run_dir / "model.pt")["model"]
 
 
+@pytest.mark.slow  # tests/test_kill_resume.py does this in the default run, 10x faster per kill
 def test_cli_run_killed_at_random_moments_resumes_to_identical_results(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([*TRAIN, "--out", str(tmp_path / "ref")], check=True, env=env)
