@@ -124,6 +124,33 @@ def test_backward_with_capture_equals_jacobian_route(name: str) -> None:
     torch.testing.assert_close(w_fast, w_ref, rtol=1e-5, atol=1e-7)
 
 
+class HalfHeads(GramianWeighting):
+    """Equal weights for the direction; the heads get weights 0.5, 2, -1 (``head_weights``)."""
+
+    def weights(self, gramian, losses=None):
+        self.head_weights = torch.tensor([0.5, 2.0, -1.0], dtype=gramian.dtype)
+        return torch.ones(gramian.shape[0], dtype=gramian.dtype)
+
+
+def test_head_weights_are_used_on_the_gramian_route_as_on_the_jacobian_route() -> None:
+    grads = []
+    for use_capture in (False, True):
+        encoder, heads, x = _problem("mlp", 3, seed=2)
+        capture = LayerCapture(encoder) if use_capture else None
+        losses = _losses(encoder, heads, x)
+        mtlkit.backward(
+            losses, shared=list(encoder.parameters()), method=HalfHeads(), capture=capture
+        )
+        grads.append([p.grad.clone() for p in [*encoder.parameters(), *heads.parameters()]])
+    encoder, heads, x = _problem("mlp", 3, seed=2)
+    weighted = sum(w * loss for w, loss in zip([0.5, 2.0, -1.0], _losses(encoder, heads, x)))
+    expected_heads = torch.autograd.grad(weighted, list(heads.parameters()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads[1][-len(expected_heads) :], expected_heads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_in_place_change_of_a_captured_output_is_refused() -> None:
     encoder = nn.Sequential(nn.Linear(3, 3), nn.ReLU(inplace=True), nn.Linear(3, 1))
     capture = LayerCapture(encoder, verify=False)

@@ -325,11 +325,12 @@ def _aggregate_gramian(
     shared_ids = {id(p) for p in params}
     others = [leaf for leaf in graph_leaves(losses) if id(leaf) not in shared_ids]
     gradients = capture.task_gradients(scalars, params)
-    method.last_weights = None
+    method.last_weights = method.head_weights = None
     weights = method.weights(gradients.gramian, losses.detach()).to(losses.dtype).detach()
     method.last_weights = weights
     if others:
-        torch.autograd.backward((weights * losses).sum(), inputs=others, retain_graph=retain_graph)
+        combine, _ = _head_weights(method, losses)
+        torch.autograd.backward((combine * losses).sum(), inputs=others, retain_graph=retain_graph)
     gradients.accumulate(weights)
     return weights
 
