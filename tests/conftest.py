@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -34,3 +36,15 @@ def problem():
     x = torch.randn(11, 5, generator=gen, dtype=torch.float64)
     y = torch.randn(11, 3, generator=gen, dtype=torch.float64)
     return model, x, y
+
+
+def summary(folder) -> dict:
+    """A run folder's ``summary.json``."""
+    return json.loads((folder / "summary.json").read_text())
+
+
+def one_line_error(capsys) -> str:
+    """The captured stderr, checked to be exactly one ``mtlkit: error:`` line (no traceback)."""
+    err = capsys.readouterr().err
+    assert err.startswith("mtlkit: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err

@@ -14,6 +14,7 @@ import statistics
 import time
 
 import pytest
+from conftest import one_line_error, summary
 from scipy.stats import t as student
 
 import mtlkit.compare as compare
@@ -51,16 +52,6 @@ def compare_main(out, *args: str) -> int:
 def read_rows(out) -> list[dict[str, str]]:
     with open(out / "results.csv", newline="") as handle:
         return list(csv.DictReader(handle))
-
-
-def summary(folder) -> dict:
-    return json.loads((folder / "summary.json").read_text())
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("mtlkit: error: ") and err.count("\n") == 1 and "Traceback" not in err
-    return err
 
 
 class Counter:

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import one_line_error, summary
 
 import mtlkit.cli as cli
 from mtlkit.cli import load_problem, main, run, select_tasks
@@ -31,16 +32,6 @@ TWO_DOMAINS = [
     "batch_size=16",
     "progress=false",
 ]
-
-
-def summary(folder) -> dict:
-    return json.loads((folder / "summary.json").read_text())
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("mtlkit: error: ") and err.count("\n") == 1 and "Traceback" not in err
-    return err
 
 
 # --- tasks: a subset of the problem's tasks ------------------------------------------------------

@@ -97,8 +97,15 @@ STL_MODES = ("per_seed", "once")
 ENTRY_KEYS = ("name", "args", "label")
 BUDGET_ABBREVIATIONS = {"forward_backward": "fb"}
 # Keys that do not change what a run computes: a finished run is reused whatever their values.
-PRESENTATION_KEYS = {"progress", "plots", "tensorboard", "workers", "checkpoint_every", "out"}
-PRESENTATION_KEYS |= {"baseline"}
+PRESENTATION_KEYS = {
+    "progress",
+    "plots",
+    "tensorboard",
+    "workers",
+    "checkpoint_every",
+    "out",
+    "baseline",
+}
 LABEL = re.compile(r"^[A-Za-z0-9_.]+$")
 BUDGET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 

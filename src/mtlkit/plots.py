@@ -101,10 +101,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
             ax.set_yscale("log")
         ax.set_title(f"{run_dir.name}: {ylabel} per task")
         ax.legend(fontsize="small")
-        fig.tight_layout()
-        fig.savefig(run_dir / name, dpi=120)
-        plt.close(fig)
-        written.append(run_dir / name)
+        written.append(_save(plt, fig, run_dir / name))
     metrics_path = run_dir / "metrics.csv"
     if metrics_path.is_file():
         metrics = read_columns(metrics_path)
@@ -122,10 +119,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
                 ax.set_title(f"validation: {task}")
                 ax.set_xlabel("epoch")
                 ax.legend(fontsize="small")
-            fig.tight_layout()
-            fig.savefig(run_dir / "validation.png", dpi=120)
-            plt.close(fig)
-            written.append(run_dir / "validation.png")
+            written.append(_save(plt, fig, run_dir / "validation.png"))
     return written
 
 
@@ -274,6 +268,14 @@ def _panels(plt: Any, count: int, width: float = 5.5, height: float = 4.2) -> tu
     return fig, list(axes[0])
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (PNG, 120 dpi) and close it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _seed_note(meta: dict[str, Any]) -> str:
     n = len(meta["seeds"])
     return f"{n} seed{'s' if n > 1 else ''}"
@@ -322,10 +324,7 @@ def plot_delta_m(
         "error bars: std, dots: seeds; 0 = single-task level)",
         fontsize="medium",
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _first_metric(meta: dict[str, Any], task: str) -> tuple[str, bool]:
@@ -401,10 +400,7 @@ def plot_pareto(plt: Any, rows: Sequence[dict[str, Any]], meta: dict[str, Any], 
         f"{'right' if h1 else 'left'}-{'top' if h2 else 'bottom'}",
         fontsize="medium",
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_quality_vs_cost(
@@ -456,10 +452,7 @@ def plot_quality_vs_cost(
         f"Quality vs cost (mean ± std over {_seed_note(meta)}; lower-left is better)",
         fontsize="medium",
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_compare_curves(
@@ -517,10 +510,7 @@ def plot_compare_curves(
             ax.grid(alpha=0.3)
     grid[0][-1].legend(fontsize="x-small", loc="best")
     fig.suptitle(f"Validation curves (mean over {_seed_note(meta)})", fontsize="medium")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_compare_weights(
@@ -587,7 +577,4 @@ def plot_compare_weights(
     if constant:
         title += "\nconstant: " + ", ".join(constant)
     fig.suptitle(title, fontsize="medium")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
