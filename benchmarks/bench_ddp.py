@@ -1,7 +1,7 @@
 """DDP on CPU processes (gloo) against one process: steps per second and bytes communicated.
 
 One ``Joint`` step of an HPS model (MLP encoder, m heads, random regression targets) on a global
-batch, through the same pieces the Trainer uses (:class:`mtlkit.distributed.Parallel`: the
+batch, through the same pieces the Trainer uses (:class:`mtlkit.parallel.ddp.Parallel`: the
 losses' global values, the reducer hook of the engine, the gradient all-reduce in the optimizer
 step). For each method and route:
 
@@ -41,9 +41,9 @@ from torch import nn
 
 from mtlkit import ConfigError, methods
 from mtlkit.architectures import HPS
-from mtlkit.distributed import Parallel, shard_batch
-from mtlkit.optim import optimizer
-from mtlkit.strategies import ForwardResult, Joint, StrategyContext
+from mtlkit.parallel.ddp import Parallel, shard_batch
+from mtlkit.training.optim import optimizer
+from mtlkit.training.strategies import ForwardResult, Joint, StrategyContext
 
 # label -> (registered method, rep_grad, route)
 CASES = {

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 import mtlkit
 from mtlkit.methods import EW, MGDA
-from mtlkit.strategies import ForwardResult, Joint, StrategyContext
+from mtlkit.training.strategies import ForwardResult, Joint, StrategyContext
 
 TARGET = 1.05
 

@@ -7,7 +7,7 @@ backward, Adam step. The plain step backpropagates ``Σ_i L_i``. Routes:
 
 * ``param``: the Jacobian w.r.t. the shared parameters (``route="auto"``, the measured-fastest
   Jacobian route);
-* ``gramian``: the layer-wise Gramian (:class:`mtlkit.gramian_engine.LayerCapture`), no Jacobian;
+* ``gramian``: the layer-wise Gramian (:class:`mtlkit.engine.layer_capture.LayerCapture`), no Jacobian;
 * ``features``: the Jacobian w.r.t. the shared representation (``features=z``);
 * ``loss``: EW and UW through ``mtlkit.backward`` (one backward of ``Σ w_i L_i``);
 * ``floor``: the issue's reference "Jacobian alone, loop of ``autograd.grad``": the forward and
@@ -47,7 +47,7 @@ from bench_engine import Problem, build, measure
 
 import mtlkit
 from mtlkit import methods
-from mtlkit.gramian_engine import LayerCapture
+from mtlkit.engine.layer_capture import LayerCapture
 
 METHODS = ["mgda", "pcgrad", "cagrad", "upgrad", "nash_mtl", "imtl_g"]
 CELLS = [("mlp", 2), ("mlp", 10), ("mlp", 40), ("cnn", 2), ("cnn", 10)]

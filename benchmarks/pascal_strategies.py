@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from mtlkit import Alternating, Budget, Joint, RandomGroups, Trainer, delta_m, methods, optimizer
 from mtlkit.architectures import build
 from mtlkit.data.benchmarks import DATASETS, Problem
-from mtlkit.strategies import Strategy
+from mtlkit.training.strategies import Strategy
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ from conftest import tiny_hps
 from torch.utils.data import DataLoader, Dataset
 
 from mtlkit import Alternating, Budget, ConfigError, Joint, Task, Trainer, methods
-from mtlkit.config import TrainConfig
-from mtlkit.distributed import split_batch
-from mtlkit.optim import optimizer
-from mtlkit.precision import LossScaler, Precision
+from mtlkit.app.config import TrainConfig
+from mtlkit.parallel.ddp import split_batch
+from mtlkit.training.optim import optimizer
+from mtlkit.engine.precision import LossScaler, Precision
 
 TASKS = ["t0", "t1", "t2"]
 

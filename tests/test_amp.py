@@ -8,11 +8,11 @@ from conftest import tiny_hps
 from torch.utils.data import DataLoader, Dataset
 
 from mtlkit import Budget, ConfigError, Joint, Task, Trainer, methods
-from mtlkit.checkpoint import load_checkpoint
-from mtlkit.config import TrainConfig
+from mtlkit.training.checkpoint import load_checkpoint
+from mtlkit.app.config import TrainConfig
 from mtlkit.methods.base import GradientAggregator
-from mtlkit.optim import optimizer
-from mtlkit.precision import LossScaler, Precision
+from mtlkit.training.optim import optimizer
+from mtlkit.engine.precision import LossScaler, Precision
 
 TASKS = ["t0", "t1", "t2"]
 

@@ -17,11 +17,11 @@ from torch.utils.data import DataLoader
 
 from mtlkit import Alternating, Budget, Joint, RandomGroups, Trainer, methods
 from mtlkit.architectures import HPS
-from mtlkit.checkpoint import load_checkpoint, save_checkpoint
+from mtlkit.training.checkpoint import load_checkpoint, save_checkpoint
 from mtlkit.data.benchmarks import DATASETS
 from mtlkit.errors import MtlkitError
-from mtlkit.optim import optimizer
-from mtlkit.trainer import TrainingInterrupted
+from mtlkit.training.optim import optimizer
+from mtlkit.training.trainer import TrainingInterrupted
 
 SMALL = {"n_train": 320, "n_val": 128, "n_test": 128}
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 import yaml
 
-from mtlkit.cli import main
-from mtlkit.config import TrainConfig, load_config
+from mtlkit.app.cli import main
+from mtlkit.app.config import TrainConfig, load_config
 from mtlkit.errors import ConfigError
 
 FAST = ["data_args.n_train=256", "data_args.n_val=128", "data_args.n_test=128", "--no-progress"]

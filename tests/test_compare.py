@@ -17,12 +17,12 @@ import pytest
 from conftest import one_line_error, summary
 from scipy.stats import t as student
 
-import mtlkit.compare as compare
-from mtlkit.cli import main
-from mtlkit.config import TrainConfig
+import mtlkit.app.compare as compare
+from mtlkit.app.cli import main
+from mtlkit.app.config import TrainConfig
 from mtlkit.errors import ConfigError, MtlkitError, NonFiniteError
-from mtlkit.logging import CsvLog, TensorBoardLog
-from mtlkit.trainer import Budget, Trainer
+from mtlkit.training.logs import CsvLog, TensorBoardLog
+from mtlkit.training.trainer import Budget, Trainer
 
 TINY = [
     "data_args.n_train=64",

@@ -1,10 +1,10 @@
 """Every ready config under ``configs/`` loads and trains for one optimizer step on a generated
-fixture of its data set (in the data set's real on-disk format), through ``mtlkit.cli.run``.
+fixture of its data set (in the data set's real on-disk format), through ``mtlkit.app.cli.run``.
 
 The configs' models, methods and optimizers are used as they are (full widths); only the budget
 (one step), the batch size, the workers and the fixture's image sizes are overridden. Grid
 configs (``mtlkit compare``: grid keys ``methods``, ``strategies``, ...) are loaded through
-:func:`mtlkit.compare.load_grid`, and each of their methods and strategies trains one step.
+:func:`mtlkit.app.compare.load_grid`, and each of their methods and strategies trains one step.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtlkit.cli import main, run
-from mtlkit.compare import GRID_KEYS, load_grid, run_grid
-from mtlkit.config import load_config
+from mtlkit.app.cli import main, run
+from mtlkit.app.compare import GRID_KEYS, load_grid, run_grid
+from mtlkit.app.config import load_config
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 from dataset_fixtures import (

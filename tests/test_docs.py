@@ -129,10 +129,10 @@ def test_docs_build_strict_with_an_entry_for_everything(tmp_path):
         assert (site / name).is_file(), name
 
     from mtlkit.architectures import ARCHITECTURES
-    from mtlkit.cli import build_parser
+    from mtlkit.app.cli import build_parser
     from mtlkit.data.benchmarks import DATASETS
     from mtlkit.methods import METHODS
-    from mtlkit.strategies import STRATEGIES
+    from mtlkit.training.strategies import STRATEGIES
 
     def ids(page: str) -> set[str]:
         return set(re.findall(r'id="([^"]+)"', (site / page / "index.html").read_text()))

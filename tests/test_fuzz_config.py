@@ -32,10 +32,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mtlkit.architectures import ARCHITECTURES, BACKBONES
-from mtlkit.cli import main
+from mtlkit.app.cli import main
 from mtlkit.data.benchmarks import DATASETS
 from mtlkit.methods import METHODS
-from mtlkit.optim import OPTIMIZERS
+from mtlkit.training.optim import OPTIMIZERS
 
 # ----------------------------------------------------------------------------- the base run
 FIXED = ["plots=false", "progress=false"]  # drawing plots would only cost time

@@ -9,7 +9,7 @@ from torch import nn
 import mtlkit
 from mtlkit import methods
 from mtlkit.errors import ConfigError, MtlkitError
-from mtlkit.gramian_engine import LayerCapture
+from mtlkit.engine.layer_capture import LayerCapture
 from mtlkit.methods.base import GramianWeighting
 
 
@@ -215,7 +215,7 @@ def test_route_gramian_rejects_jacobian_methods(tiny_problem_runs) -> None:
 
 @pytest.fixture
 def tiny_problem_runs():
-    from mtlkit.strategies import ForwardResult, Joint, StrategyContext
+    from mtlkit.training.strategies import ForwardResult, Joint, StrategyContext
 
     def run(method_name: str, route: str) -> list[torch.Tensor]:
         torch.manual_seed(0)

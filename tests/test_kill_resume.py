@@ -36,9 +36,9 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from mtlkit.checkpoint import CHECKPOINT_NAME, MODEL_NAME, load_checkpoint
-from mtlkit.compare import check_same_config, is_finished
-from mtlkit.config import load_config
+from mtlkit.training.checkpoint import CHECKPOINT_NAME, MODEL_NAME, load_checkpoint
+from mtlkit.app.compare import check_same_config, is_finished
+from mtlkit.app.config import load_config
 from mtlkit.data.benchmarks import DATASETS
 
 SMALL = {"n_train": 320, "n_val": 64, "n_test": 64}  # 5 batches of 64 per epoch
@@ -55,7 +55,7 @@ def _train(argv: list[str]) -> None:
     os.dup2(output, 2)
     torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 in the subprocess: same arithmetic
     tqdm.set_lock(threading.RLock())  # not its multiprocessing lock, which a kill would leak
-    from mtlkit.cli import main
+    from mtlkit.app.cli import main
 
     sys.exit(main(argv))
 
@@ -64,7 +64,7 @@ def _train(argv: list[str]) -> None:
 def context():
     ctx = multiprocessing.get_context("forkserver")
     # torch._dynamo: the first optimizer imports it (~2 s), in every run otherwise
-    ctx.set_forkserver_preload(["torch", "torch._dynamo", "mtlkit.cli"])
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "mtlkit.app.cli"])
     return ctx
 
 

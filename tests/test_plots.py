@@ -9,9 +9,9 @@ import math
 import pytest
 from PIL import Image
 
-from mtlkit.cli import main
+from mtlkit.app.cli import main
 from mtlkit.errors import MtlkitError
-from mtlkit.plots import (
+from mtlkit.app.plots import (
     moving_average,
     pareto_front,
     plot_compare,

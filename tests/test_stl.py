@@ -10,9 +10,9 @@ import torch
 import yaml
 from conftest import one_line_error, summary
 
-import mtlkit.cli as cli
-from mtlkit.cli import load_problem, main, run, select_tasks
-from mtlkit.config import TrainConfig, load_config
+import mtlkit.app.cli as cli
+from mtlkit.app.cli import load_problem, main, run, select_tasks
+from mtlkit.app.config import TrainConfig, load_config
 from mtlkit.errors import ConfigError
 
 TINY = [

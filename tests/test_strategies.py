@@ -11,9 +11,9 @@ from torch import nn
 from mtlkit import Alternating, Budget, Joint, RandomGroups, Trainer, methods
 from mtlkit.architectures import HPS
 from mtlkit.errors import ConfigError
-from mtlkit.groups import GroupSchedule
-from mtlkit.optim import optimizer
-from mtlkit.strategies import STRATEGIES, ForwardResult, StrategyContext
+from mtlkit.training.groups import GroupSchedule
+from mtlkit.training.optim import optimizer
+from mtlkit.training.strategies import STRATEGIES, ForwardResult, StrategyContext
 
 TASKS = ["a", "b", "c"]
 
@@ -241,7 +241,7 @@ def methods_task(name):
 
 
 def test_exploration_excludes_heads_and_normalisation_layers():
-    from mtlkit.diagnostics import exploration_parameters
+    from mtlkit.training.diagnostics import exploration_parameters
 
     encoder = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.LayerNorm(4))
     model = HPS(encoder, {"a": nn.Linear(4, 1)})
@@ -250,7 +250,7 @@ def test_exploration_excludes_heads_and_normalisation_layers():
 
 
 def test_alternating_from_the_cli(tmp_path, capsys):
-    from mtlkit.cli import main
+    from mtlkit.app.cli import main
 
     out = tmp_path / "alt"
     code = main(

@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from mtlkit.cli import main
+from mtlkit.app.cli import main
 from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.methods import UW, GramianWeighting
-from mtlkit.toy import (
+from mtlkit.app.toy import (
     STARTS,
     front_distance,
     front_x2,
@@ -225,7 +225,7 @@ def test_plot_names_the_extra_when_matplotlib_is_missing(tmp_path, monkeypatch) 
 
 @pytest.mark.parametrize("scale", [0.1, 1.0])
 def test_loss_lower_bounds_hold_on_a_dense_grid(scale):
-    from mtlkit.toy import loss_lower_bounds, toy_losses
+    from mtlkit.app.toy import loss_lower_bounds, toy_losses
 
     grid = torch.stack(
         torch.meshgrid(torch.linspace(-30, 30, 601), torch.linspace(-30, 30, 601), indexing="ij"),
@@ -238,7 +238,7 @@ def test_loss_lower_bounds_hold_on_a_dense_grid(scale):
 
 
 def test_famo_runs_on_the_toy_with_its_loss_bounds():
-    from mtlkit.toy import run_method
+    from mtlkit.app.toy import run_method
 
     run = run_method("famo", (0.0, 0.0), steps=300)  # the losses are <= 0 from the start
     assert run.error is None and run.steps == 300

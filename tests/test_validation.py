@@ -1,7 +1,7 @@
 """Up-front validation: every user error is one clear message and exit code 2 before training.
 
 Each case below crashed with a traceback, or failed only after the data was loaded or the run's
-files were written, before ``mtlkit.validation`` existed.
+files were written, before ``mtlkit.app.validation`` existed.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from torch.utils.data import DataLoader
 
 from mtlkit import Budget, Trainer
 from mtlkit.architectures import HPS
-from mtlkit.cli import EXIT_USER_ERROR, main
-from mtlkit.config import load_config, parse_value
+from mtlkit.app.cli import EXIT_USER_ERROR, main
+from mtlkit.app.config import load_config, parse_value
 from mtlkit.data.benchmarks import DATASETS
 from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.registry import Registry
 from mtlkit.tasks import Task
-from mtlkit.validation import check_arguments, matches_type, peek_first_batch
+from mtlkit.app.validation import check_arguments, matches_type, peek_first_batch
 
 TINY = [
     "data_args.n_train=16",
@@ -127,7 +127,7 @@ def test_ctrl_c_outside_training_is_no_traceback(tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("mtlkit.cli.load_problem", interrupted)  # Ctrl-C while loading data
+    monkeypatch.setattr("mtlkit.app.cli.load_problem", interrupted)  # Ctrl-C while loading data
     assert main(["train", *TINY, f"out={tmp_path / 'run'}"]) == 130
     assert capsys.readouterr().err == "mtlkit: interrupted\n"
 

@@ -10,7 +10,7 @@ Every registered method, architecture, backbone, strategy and data set gets one 
 registered name, what it is, its docstring (paper reference and update rule for methods), and a
 table of its arguments with their defaults (from the signature that ``Registry.get`` checks
 against) and their descriptions (from the docstring's ``Args:``). The CLI page renders the
-``--help`` of every subcommand of ``mtlkit.cli.build_parser()`` and the config keys of
+``--help`` of every subcommand of ``mtlkit.app.cli.build_parser()`` and the config keys of
 ``TrainConfig``. A registered entry without a docstring, or a data set that reads a root folder
 without a known layout, stops the build.
 """
@@ -410,7 +410,7 @@ def _indent(text: str, prefix: str = "    ") -> str:
 
 # --------------------------------------------------------------------------- strategies
 def strategies_page() -> tuple[str, list[str]]:
-    from mtlkit.strategies import STRATEGIES
+    from mtlkit.training.strategies import STRATEGIES
 
     out = [
         "# Strategies reference",
@@ -532,8 +532,8 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def cli_page() -> tuple[str, list[str]]:
-    from mtlkit.cli import build_parser
-    from mtlkit.config import TrainConfig
+    from mtlkit.app.cli import build_parser
+    from mtlkit.app.config import TrainConfig
 
     with _columns(100):
         parser = build_parser()
@@ -541,7 +541,7 @@ def cli_page() -> tuple[str, list[str]]:
         out = [
             "# Command-line reference",
             "",
-            "The `--help` of every `mtlkit` command, rendered from `mtlkit.cli.build_parser()` at "
+            "The `--help` of every `mtlkit` command, rendered from `mtlkit.app.cli.build_parser()` at "
             "build time, and every config key. How the pieces fit: "
             "[Command line and configs](../concepts/cli.md).",
             "",
@@ -569,7 +569,7 @@ def cli_page() -> tuple[str, list[str]]:
         "",
         "## Config keys { #config-keys }",
         "",
-        "The fields of `mtlkit.config.TrainConfig`: a YAML config file (`--config`) sets them by "
+        "The fields of `mtlkit.app.config.TrainConfig`: a YAML config file (`--config`) sets them by "
         "name, `key=value` on the command line overrides them (`method_args.c=0.4` sets one "
         "entry of a `*_args` mapping), `mtlkit train --print-config` shows the resolved config.",
         "",

@@ -7,13 +7,13 @@ The public API: the per-task gradient engine (:func:`jacobian`, :func:`gramian`,
 
 from mtlkit import methods
 from mtlkit.architectures import HPS
-from mtlkit.autograd import backward, gramian, jacobian
+from mtlkit.engine.autograd import backward, gramian, jacobian
 from mtlkit.errors import ConfigError, MtlkitError, NonFiniteError, UnknownNameError
-from mtlkit.gramian_engine import LayerCapture
-from mtlkit.groups import RandomGroups
+from mtlkit.engine.layer_capture import LayerCapture
+from mtlkit.training.groups import RandomGroups
 from mtlkit.metrics import Accuracy, MeanAbsoluteError, MeanSquaredError, Metric, delta_m
-from mtlkit.optim import optimizer
-from mtlkit.strategies import (
+from mtlkit.training.optim import optimizer
+from mtlkit.training.strategies import (
     Alternating,
     ForwardResult,
     Joint,
@@ -22,7 +22,7 @@ from mtlkit.strategies import (
     StrategyContext,
 )
 from mtlkit.tasks import Task
-from mtlkit.trainer import Budget, Trainer
+from mtlkit.training.trainer import Budget, Trainer
 
 __version__ = "0.1.0"
 

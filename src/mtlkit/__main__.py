@@ -2,6 +2,6 @@
 
 import sys
 
-from mtlkit.cli import main
+from mtlkit.app.cli import main
 
 sys.exit(main())

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from mtlkit.cli import main
+from mtlkit.app.cli import main
 
 FAST = [
     "data_args.n_train=128",

@@ -15,7 +15,7 @@ from mtlkit.architectures import ARCHITECTURES, build
 from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.methods import EW, MGDA
 from mtlkit.metrics import MeanSquaredError
-from mtlkit.optim import optimizer
+from mtlkit.training.optim import optimizer
 
 KEYS = list(CONFIGS)
 NEW = ["cross_stitch", "mmoe", "dselect_k", "mtan", "cgc", "ple", "ltb", "max_roaming"]
@@ -27,7 +27,7 @@ def test_every_architecture_is_registered_and_listed():
         args = {a.name: a for a in ARCHITECTURES.arguments(name)}
         assert {"backbone", "widths", "weights"} <= set(args)
         assert all(a.annotation for a in args.values()), name  # typed, for `mtlkit list`
-    from mtlkit.cli import list_registered
+    from mtlkit.app.cli import list_registered
 
     listing = list_registered()
     assert "mtan(backbone: str = 'mlp'" in listing and "max_roaming(" in listing

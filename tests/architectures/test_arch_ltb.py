@@ -12,7 +12,7 @@ from mtlkit import Budget, Joint, Task, Trainer
 from mtlkit.architectures.ltb import default_branches
 from mtlkit.methods import EW
 from mtlkit.metrics import MeanSquaredError
-from mtlkit.optim import optimizer
+from mtlkit.training.optim import optimizer
 
 
 def test_default_tree_doubles_up_to_the_task_count():

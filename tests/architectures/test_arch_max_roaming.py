@@ -15,7 +15,7 @@ from mtlkit import Budget, Joint, Task, Trainer
 from mtlkit.architectures import build
 from mtlkit.methods import EW
 from mtlkit.metrics import MeanSquaredError
-from mtlkit.optim import optimizer
+from mtlkit.training.optim import optimizer
 
 
 def model_with(p: float = 0.6, widths=(10, 7), **args):

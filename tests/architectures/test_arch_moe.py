@@ -15,7 +15,7 @@ from mtlkit.architectures import build
 from mtlkit.architectures.moe import DSelectKGate, mix, smooth_step
 from mtlkit.methods import EW
 from mtlkit.metrics import MeanSquaredError
-from mtlkit.optim import optimizer
+from mtlkit.training.optim import optimizer
 
 DIGITS = (1, 8, 12)
 

@@ -25,7 +25,7 @@ from mtlkit.data import (
 from mtlkit.data.attributes import _cached_structure
 from mtlkit.data.benchmarks import DATASETS
 from mtlkit.errors import ConfigError, MtlkitError
-from mtlkit.optim import optimizer
+from mtlkit.training.optim import optimizer
 
 SPLITS = ("train", "val", "test")
 SMALL = {"n_train": 300, "n_val": 100, "n_test": 100}

@@ -197,7 +197,7 @@ def test_one_step_and_metrics_on_the_fixture(nyu):
 
 
 def test_cli_reports_a_missing_root_in_one_error_with_the_layout(tmp_path, capsys):
-    from mtlkit.cli import main
+    from mtlkit.app.cli import main
 
     code = main(
         ["train", "--data", "nyuv2", f"data_args.root={tmp_path / 'nope'}", "--no-progress"]

@@ -37,7 +37,7 @@ from mtlkit.methods.bilevel import (
 )
 from mtlkit.methods.mgda import min_norm_weights
 from mtlkit.metrics import MeanSquaredError
-from mtlkit.optim import optimizer
+from mtlkit.training.optim import optimizer
 from mtlkit.tasks import Task
 
 F64 = torch.float64

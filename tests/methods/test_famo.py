@@ -23,8 +23,8 @@ import mtlkit
 from mtlkit import Joint, methods
 from mtlkit.errors import ConfigError, NonFiniteError
 from mtlkit.methods import FAMO
-from mtlkit.optim import optimizer
-from mtlkit.strategies import ForwardResult, StrategyContext
+from mtlkit.training.optim import optimizer
+from mtlkit.training.strategies import ForwardResult, StrategyContext
 
 F64 = torch.float64
 

@@ -21,14 +21,14 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from mtlkit.autograd import StepRoute, backward, jacobian
-from mtlkit.distributed import Reducer, accumulate, check_parallel
+from mtlkit.engine.autograd import StepRoute, backward, jacobian
+from mtlkit.parallel.ddp import Reducer, accumulate, check_parallel
 from mtlkit.errors import ConfigError
-from mtlkit.gramian_engine import LayerCapture
-from mtlkit.groups import GroupSchedule, GroupSpec, RandomGroups, Resample
+from mtlkit.engine.layer_capture import LayerCapture
+from mtlkit.training.groups import GroupSchedule, GroupSpec, RandomGroups, Resample
 from mtlkit.methods import EW, Method
 from mtlkit.methods.base import GramianWeighting, StepProbe
-from mtlkit.numerics import NonFiniteGuard
+from mtlkit.training.nonfinite import NonFiniteGuard
 from mtlkit.registry import Registry
 
 Scheduler = Any  # torch.optim.lr_scheduler.LRScheduler or anything with step()/state_dict()
@@ -74,7 +74,7 @@ class StrategyContext:
             optimizer state the strategy needs.
         rep_grad: differentiate w.r.t. the shared representation (features route).
         route: route of gradient aggregators: a Jacobian route (see :func:`mtlkit.jacobian`) or
-            ``"gramian"`` (the layer-wise Gramian of :mod:`mtlkit.gramian_engine`, for Gramian
+            ``"gramian"`` (the layer-wise Gramian of :mod:`mtlkit.engine.layer_capture`, for Gramian
             weightings on the parameter route; the context then holds its ``capture``).
         device: where the model lives; methods are moved there.
         on_optimizer_step: to call right after every optimizer step (the Trainer measures the
@@ -83,12 +83,12 @@ class StrategyContext:
             one, for methods with ``extra_batches > 0`` (the Trainer draws them from a separately
             shuffled copy of the training data, already on the device).
         reducer: DDP / loss-scaling hook given to :func:`mtlkit.backward`
-            (:mod:`mtlkit.distributed`); ``None`` for one process in float32.
+            (:mod:`mtlkit.parallel.ddp`); ``None`` for one process in float32.
         optimizer_step: ``optimizer -> stepped``: takes an optimizer step (the Trainer's also
             synchronises gradients across processes and skips the step on an fp16 overflow).
-        accumulate: micro-batches per optimizer step (:func:`mtlkit.distributed.accumulate`).
+        accumulate: micro-batches per optimizer step (:func:`mtlkit.parallel.ddp.accumulate`).
         on_nonfinite: what a step does on a NaN/inf loss, gradient or solver failure:
-            ``raise``, ``skip_step`` or ``skip_task`` (:mod:`mtlkit.numerics`; the context's
+            ``raise``, ``skip_step`` or ``skip_task`` (:mod:`mtlkit.training.nonfinite`; the context's
             ``guard`` applies it).
     """
 
@@ -231,7 +231,7 @@ def method_update(
         The task weights the method used (empty for weightless aggregators) and the number of
         backward passes through the shared part of the model.
     """
-    if not context.guard.busy:  # the on_nonfinite checks and policy (mtlkit.numerics)
+    if not context.guard.busy:  # the on_nonfinite checks and policy (mtlkit.training.nonfinite)
         return context.guard.update(
             result,
             tasks,
@@ -278,7 +278,7 @@ def forward_backward(
     compute_losses: ComputeLosses,
 ) -> tuple[ForwardResult, dict[str, float], int]:
     """The forward pass and :func:`method_update` of one optimizer step over ``tasks``, or with
-    ``context.accumulate > 1`` the same over micro-batches (:func:`mtlkit.distributed.accumulate`).
+    ``context.accumulate > 1`` the same over micro-batches (:func:`mtlkit.parallel.ddp.accumulate`).
 
     Returns:
         The forward's losses, the task weights and the backward passes through the shared part.
@@ -370,7 +370,7 @@ class Joint(Strategy):
         result, weights, backwards = forward_backward(
             batch, context.tasks, self.method, self.shared, context, compute_losses
         )
-        if context.guard.commit(context):  # False: a skipped step (mtlkit.numerics)
+        if context.guard.commit(context):  # False: a skipped step (mtlkit.training.nonfinite)
             context.optimizer_step(self.optimizer)
             context.guard.check_weights()
             context.on_optimizer_step()
@@ -439,7 +439,7 @@ class Alternating(Strategy):
         method: how a group of several tasks is combined (EW, the sum, by default); one copy
             per group, so stateful methods keep per-group state.
         groups: ``"each"`` (one task per group, the default), a list of task-name lists, or
-            :class:`~mtlkit.groups.RandomGroups`.
+            :class:`~mtlkit.training.groups.RandomGroups`.
         optimizers: ``"shared"`` or ``"per_group"``.
         order: ``"fixed"`` (the groups' order, as in the paper) or ``"random"`` (redrawn each
             batch).
@@ -568,7 +568,7 @@ class Alternating(Strategy):
             )
             if not report_losses:
                 report_losses = first_losses(result)
-            if context.guard.commit(context):  # False: a skipped step (mtlkit.numerics)
+            if context.guard.commit(context):  # False: a skipped step (mtlkit.training.nonfinite)
                 context.optimizer_step(optimizer)
                 context.guard.check_weights()
                 context.on_optimizer_step()
@@ -644,7 +644,7 @@ def alternating(
     seed: int = 0,
 ) -> Alternating:
     """:class:`Alternating` from plain values (CLI and configs): ``group_size=s`` draws
-    :class:`~mtlkit.groups.RandomGroups` of ``s`` tasks (``resample``, ``group_seed``)."""
+    :class:`~mtlkit.training.groups.RandomGroups` of ``s`` tasks (``resample``, ``group_seed``)."""
     if group_size is not None:
         if groups != "each":
             raise ConfigError("give either groups or group_size, not both")

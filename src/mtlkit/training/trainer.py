@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice per epoch
 
-from mtlkit.autograd import StepRoute
-from mtlkit.batches import BatchStream
-from mtlkit.checkpoint import (
+from mtlkit.engine.autograd import StepRoute
+from mtlkit.training.batches import BatchStream
+from mtlkit.training.checkpoint import (
     CHECKPOINT_NAME,
     MODEL_NAME,
     LoaderPosition,
@@ -43,18 +43,18 @@ from mtlkit.checkpoint import (
     save_checkpoint,
 )
 from mtlkit.data.multi_input import MultiInputLoader
-from mtlkit.diagnostics import ExplorationTracker, exploration_parameters
-from mtlkit.distributed import Parallel
+from mtlkit.training.diagnostics import ExplorationTracker, exploration_parameters
+from mtlkit.parallel.ddp import Parallel
 from mtlkit.errors import ConfigError, MtlkitError, NonFiniteError
-from mtlkit.logging import CsvLog, require_tensorboard, with_tensorboard, write_json_atomic
+from mtlkit.training.logs import CsvLog, require_tensorboard, with_tensorboard, write_json_atomic
 from mtlkit.methods.solvers import SolverError
-from mtlkit.numerics import check_policy
-from mtlkit.optim import OptimizerFactory
-from mtlkit.optim import optimizer as default_optimizer
-from mtlkit.precision import Precision
-from mtlkit.strategies import ForwardResult, Joint, Strategy, StrategyContext
+from mtlkit.training.nonfinite import check_policy
+from mtlkit.training.optim import OptimizerFactory
+from mtlkit.training.optim import optimizer as default_optimizer
+from mtlkit.engine.precision import Precision
+from mtlkit.training.strategies import ForwardResult, Joint, Strategy, StrategyContext
 from mtlkit.tasks import Task
-from mtlkit.validation import check_training
+from mtlkit.app.validation import check_training
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ class Trainer:
         device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:1"``, ...
         rep_grad: gradient aggregators differentiate w.r.t. the shared representation.
         route: Jacobian route (see :func:`mtlkit.jacobian`), or ``"gramian"``: the layer-wise
-            Gramian (:mod:`mtlkit.gramian_engine`) for Gramian weightings.
+            Gramian (:mod:`mtlkit.engine.layer_capture`) for Gramian weightings.
         select: model selection on the validation split: ``"loss"`` (lowest summed validation
             loss) or ``"task/metric"`` (e.g. ``"left/acc"``), or ``"last"``.
         seed: seeds torch's global RNG at the start of ``fit`` (dropout, initial draws).
@@ -145,16 +145,16 @@ class Trainer:
             scalars to ``out_dir/tb/steps`` and ``out_dir/tb/metrics`` (needs the
             ``tensorboard`` extra).
         amp: mixed precision of the forward pass: ``"none"``, ``"bf16"`` or ``"fp16"`` (CUDA,
-            with a loss scaler), or a :class:`~mtlkit.precision.Precision`.
+            with a loss scaler), or a :class:`~mtlkit.engine.precision.Precision`.
         accumulate: micro-batches per optimizer step (gradient accumulation; see
-            :mod:`mtlkit.distributed`).
+            :mod:`mtlkit.parallel.ddp`).
         distributed: DDP over the initialised ``torch.distributed`` process group (``None``:
             when there is one of more than one process; ``False``: never). Each process gets
             its shard of every training batch, the methods see the global batch's losses and
-            Jacobians, and only rank 0 writes files (:mod:`mtlkit.distributed`).
+            Jacobians, and only rank 0 writes files (:mod:`mtlkit.parallel.ddp`).
         on_nonfinite: what a step does on a NaN/inf task loss or gradient or a failed solver:
             ``"raise"`` (default; the error names the task, epoch, batch and step),
-            ``"skip_step"`` or ``"skip_task"`` (:mod:`mtlkit.numerics`; counters in
+            ``"skip_step"`` or ``"skip_task"`` (:mod:`mtlkit.training.nonfinite`; counters in
             ``summary.json`` under ``nonfinite``).
     """
 
@@ -322,7 +322,7 @@ class Trainer:
         """Check the run before its first step and set up the strategy (``fit`` calls it; the
         CLI calls it before writing the run's files): the loader and the model take the same
         kind of input, every method can run on its number of tasks, and one dry forward pass on
-        the first batch gives every task an output its loss accepts (:mod:`mtlkit.validation`).
+        the first batch gives every task an output its loss accepts (:mod:`mtlkit.app.validation`).
 
         Raises:
             ConfigError: naming what does not fit.

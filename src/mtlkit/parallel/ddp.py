@@ -53,7 +53,7 @@ LS, UW, IMTL-L, DWA; otherwise the weights of micro-batch losses).
 
 In your own loop::
 
-    reducer = mtlkit.distributed.Reducer()            # the default process group
+    reducer = mtlkit.parallel.ddp.Reducer()            # the default process group
     losses = reducer.losses({t: crit[t](out[t], y[t]) for t in tasks})
     mtlkit.backward(list(losses.values()), shared=encoder.parameters(), method=UPGrad(),
                     reducer=reducer)
@@ -74,14 +74,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from mtlkit.autograd import graph_leaves, jacobian
+from mtlkit.engine.autograd import graph_leaves, jacobian
 from mtlkit.data.multi_input import MultiInputLoader
 from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.methods.base import GradientAggregator, GramianWeighting, Method
-from mtlkit.precision import LossScaler, Precision
+from mtlkit.engine.precision import LossScaler, Precision
 
 if TYPE_CHECKING:
-    from mtlkit.strategies import ComputeLosses, ForwardResult, StrategyContext
+    from mtlkit.training.strategies import ComputeLosses, ForwardResult, StrategyContext
 
 __all__ = [
     "Parallel",
@@ -583,7 +583,7 @@ def accumulate(
         weights (likewise averaged, or the aggregator's), the backward passes through the shared
         part of the model.
     """
-    from mtlkit.strategies import ForwardResult  # the strategies import this module
+    from mtlkit.training.strategies import ForwardResult  # the strategies import this module
 
     parts = split_batch(batch, context.accumulate)
     sizes = torch.tensor([[_task_size(p, t) for t in tasks] for p in parts], dtype=torch.float64)
@@ -647,7 +647,7 @@ def _accumulate_jacobians(
 ) -> tuple[Tensor, dict[str, float], int]:
     """Gradient aggregators: the per-task Jacobian of the whole batch w.r.t. the shared
     parameters and the other leaves (heads), ``Σ_j (b_j/b) J_j``, then one aggregation."""
-    from mtlkit.strategies import ForwardResult
+    from mtlkit.training.strategies import ForwardResult
 
     shared = list(shared)
     shared_ids = {id(p) for p in shared}
@@ -725,7 +725,7 @@ class Parallel:
     Args:
         distributed: ``None`` = use the default process group when one of more than one process
             is initialised; ``True`` = require one; ``False`` = single process.
-        precision: AMP mode and loss scaler (:class:`~mtlkit.precision.Precision`).
+        precision: AMP mode and loss scaler (:class:`~mtlkit.engine.precision.Precision`).
         accumulate: micro-batches per optimizer step.
     """
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from mtlkit.data.multi_input import MultiInputLoader
 from mtlkit.errors import MtlkitError
-from mtlkit.logging import atomic_file
+from mtlkit.training.logs import atomic_file
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
@@ -59,7 +59,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def remove_partial_files(folder: str | Path) -> list[Path]:
     """Delete the temporary files that writes interrupted by a kill left in ``folder``.
 
-    :func:`mtlkit.logging.atomic_file` writes ``.NAME.XXXXXXXX.tmp`` beside its target and
+    :func:`mtlkit.training.logs.atomic_file` writes ``.NAME.XXXXXXXX.tmp`` beside its target and
     renames it over the target when complete; a ``SIGKILL`` in between leaves the temporary file
     (the target itself is intact). The Trainer calls this when it starts writing into a run
     folder, which only that run writes to. Returns the removed paths.

@@ -22,7 +22,7 @@ unscaling exposed:
 * the losses keep their values and only their gradient is scaled (:meth:`LossScaler.scale_loss`),
   so a method sees the true losses;
 * the engine unscales the Jacobian before the method runs and returns the direction scaled
-  again (:class:`mtlkit.distributed.Reducer`), so every model ``.grad`` carries the factor ``S``;
+  again (:class:`mtlkit.parallel.ddp.Reducer`), so every model ``.grad`` carries the factor ``S``;
 * before the optimizer step the model's gradients are unscaled, checked, and the step is taken or
   skipped (:meth:`LossScaler.unscale_`, :meth:`LossScaler.update`). A method's own parameters
   (UW's log-variances) get their gradient from the loss values, not through the scaled model

@@ -22,16 +22,16 @@ import torch
 from torch import Tensor
 
 from mtlkit.errors import NonFiniteError
-from mtlkit.gramian_engine import LayerCapture
+from mtlkit.engine.layer_capture import LayerCapture
 from mtlkit.methods.base import GradientAggregator, GramianWeighting, LossWeighting, Method
 
 if TYPE_CHECKING:
-    from mtlkit.distributed import Reducer
+    from mtlkit.parallel.ddp import Reducer
 
 Route = Literal["auto", "loop", "batched"]
 StepRoute = Literal["auto", "loop", "batched", "gramian"]
 """Routes of a training step: the Jacobian routes, or ``"gramian"`` (the layer-wise Gramian of
-:mod:`mtlkit.gramian_engine`, for Gramian weightings on the parameter route)."""
+:mod:`mtlkit.engine.layer_capture`, for Gramian weightings on the parameter route)."""
 Losses = Sequence[Tensor] | Tensor
 Inputs = Tensor | Iterable[Tensor]
 
@@ -221,7 +221,7 @@ def backward(
     * A gradient aggregator with ``features=z``: the Jacobian is taken w.r.t. ``z`` and the
       combined direction flows back through the encoder in the same pass that gives the heads
       the gradient of ``Σ_i w_i L_i``.
-    * A Gramian weighting with ``capture=`` (a :class:`~mtlkit.gramian_engine.LayerCapture` on
+    * A Gramian weighting with ``capture=`` (a :class:`~mtlkit.engine.layer_capture.LayerCapture` on
       the shared layers, registered before the forward): the Gramian ``J Jᵀ`` is formed layer by
       layer from activations, ``J`` never exists, and the update is one backward of
       ``Σ_i w_i L_i`` (the Gramian route; cheapest on the parameter route).
@@ -236,7 +236,7 @@ def backward(
         retain_graph: keep the graph after the backward.
         capture: the layer capture of the Gramian route (parameter route only; the method must
             be a :class:`~mtlkit.methods.GramianWeighting`).
-        reducer: data parallelism and loss scaling (:class:`mtlkit.distributed.Reducer`): the
+        reducer: data parallelism and loss scaling (:class:`mtlkit.parallel.ddp.Reducer`): the
             Jacobian is unscaled and reduced across processes before the aggregator runs (not
             with ``capture=`` unless it is a pass-through (bf16 in one process): the
             parameter-route Gramian needs the all-reduced Jacobian).
@@ -385,7 +385,7 @@ def _direction(
     features: bool,
 ) -> Tensor:
     """``method(jac)``, or with a ``reducer`` this process's part of the global batch's direction
-    (:meth:`mtlkit.distributed.Reducer.aggregate`)."""
+    (:meth:`mtlkit.parallel.ddp.Reducer.aggregate`)."""
     if reducer is None:
         return method(jac, losses, blocks=[t.numel() for t in inputs])
     return reducer.aggregate(method, jac, losses, inputs, features=features)

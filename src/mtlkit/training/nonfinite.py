@@ -103,7 +103,7 @@ POLICIES: tuple[str, ...] = ("raise", "skip_step", "skip_task")
 
 Update = Callable[[Any, Sequence[str]], "tuple[dict[str, float], int]"]
 """``(forward result, tasks) -> (task weights, backward passes)``: the backward of one method over
-``tasks`` (:func:`mtlkit.strategies.method_update`, unguarded)."""
+``tasks`` (:func:`mtlkit.training.strategies.method_update`, unguarded)."""
 
 
 def check_policy(policy: str) -> NonFinitePolicy:
@@ -196,7 +196,7 @@ class NonFiniteGuard:
         tasks)`` with the checks and the policy of the module docstring.
 
         Args:
-            result: a :class:`~mtlkit.strategies.ForwardResult`.
+            result: a :class:`~mtlkit.training.strategies.ForwardResult`.
             update: the unguarded backward ``(result, tasks) -> (weights, backwards)``.
             context: the strategy context (its loss scaler turns the gradient checks off; its
                 Gramian-route capture is cleared when the step is skipped or redone).

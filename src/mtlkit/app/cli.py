@@ -8,7 +8,7 @@ metrics to ``stl_baseline.json``; ``baseline=PATH`` (such a file) makes a run al
 Δm% against it. ``mtlkit toy`` runs methods on the 2-D two-objective toy; ``mtlkit plot
 RUN_DIR`` redraws a run's figures (``mtlkit train`` draws them at the end when matplotlib is
 installed). ``mtlkit compare`` runs a grid of methods x strategies x seeds (x budgets) through
-:func:`run` (see :mod:`mtlkit.compare`). User errors (unknown names, bad values) print one line
+:func:`run` (see :mod:`mtlkit.app.compare`). User errors (unknown names, bad values) print one line
 and exit with code 2; an interrupted run exits with code 130.
 """
 
@@ -27,22 +27,22 @@ import torch
 from torch.utils.data import DataLoader
 
 from mtlkit.architectures import ARCHITECTURES, build
-from mtlkit.checkpoint import CHECKPOINT_NAME
-from mtlkit.config import TrainConfig, config_keys, load_config
+from mtlkit.training.checkpoint import CHECKPOINT_NAME
+from mtlkit.app.config import TrainConfig, config_keys, load_config
 from mtlkit.data.benchmarks import DATASETS, Problem
-from mtlkit.distributed import from_rank_zero, init_from_env, is_main_process
+from mtlkit.parallel.ddp import from_rank_zero, init_from_env, is_main_process
 from mtlkit.errors import ConfigError, MtlkitError
-from mtlkit.logging import write_atomic, write_json_atomic
+from mtlkit.training.logs import write_atomic, write_json_atomic
 from mtlkit.methods import METHODS
 from mtlkit.metrics import delta_m
-from mtlkit.optim import optimizer
-from mtlkit.plots import plot_folder, plot_run
+from mtlkit.training.optim import optimizer
+from mtlkit.app.plots import plot_folder, plot_run
 from mtlkit.registry import Registry
-from mtlkit.strategies import STRATEGIES
+from mtlkit.training.strategies import STRATEGIES
 from mtlkit.tasks import Task
-from mtlkit.toy import add_toy_arguments, toy_command
-from mtlkit.trainer import Budget, Results, Trainer, TrainingInterrupted
-from mtlkit.validation import check_config, check_problem, check_resume
+from mtlkit.app.toy import add_toy_arguments, toy_command
+from mtlkit.training.trainer import Budget, Results, Trainer, TrainingInterrupted
+from mtlkit.app.validation import check_config, check_problem, check_resume
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_compare_parser(commands: Any) -> None:
-    """The ``mtlkit compare`` subcommand (the work is done by :mod:`mtlkit.compare`)."""
+    """The ``mtlkit compare`` subcommand (the work is done by :mod:`mtlkit.app.compare`)."""
     compare = commands.add_parser(
         "compare",
         help="run a grid of methods x strategies x seeds (x budgets); write results.csv, "
@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(list_registered())
             return 0
         if args.command == "compare":
-            from mtlkit.compare import compare_command  # it builds on this module
+            from mtlkit.app.compare import compare_command  # it builds on this module
 
             return compare_command(args)
         return train_command(args)
@@ -248,7 +248,7 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def draw_plots(out_dir: Path) -> None:
-    """The run's figures (``mtlkit.plots``); without matplotlib, say so and go on (the results
+    """The run's figures (``mtlkit.app.plots``); without matplotlib, say so and go on (the results
     are written already; ``mtlkit plot RUN_DIR`` draws them later)."""
     try:
         plot_run(out_dir)
@@ -403,7 +403,7 @@ def run(
         on_nonfinite=config.on_nonfinite,
     )
     loaders = make_loaders(problem, config)
-    trainer.validate(loaders["train"])  # before the run's files are written (mtlkit.validation)
+    trainer.validate(loaders["train"])  # before the run's files are written (mtlkit.app.validation)
     if out_dir is not None and is_main_process():
         write_atomic(out_dir / "config.yaml", config.to_yaml())
     trainer.fit(loaders["train"], loaders["val"], resume=resume)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from mtlkit.checkpoint import LoaderPosition
+from mtlkit.training.checkpoint import LoaderPosition
 from mtlkit.data.multi_input import MultiInputLoader
 from mtlkit.errors import MtlkitError
 

@@ -1,6 +1,6 @@
 """``mtlkit compare``: a grid of methods x strategies x seeds (x budgets), one table, plots.
 
-A compare config is a train config (:class:`~mtlkit.config.TrainConfig`: data, model,
+A compare config is a train config (:class:`~mtlkit.app.config.TrainConfig`: data, model,
 optimizer, ...) plus the grid keys:
 
 * ``methods``: a list of method names, or of mappings ``{name: cagrad, args: {c: 0.4},
@@ -24,8 +24,8 @@ Without ``methods``/``strategies``/``seeds`` the grid takes the config's ``metho
 arguments, all reported before any run starts.
 
 ``run_grid`` trains every run into ``OUT/runs/<method>-<strategy>-seed<k>[-<budget>]/`` through
-the single-run code path of ``mtlkit train`` (:func:`mtlkit.cli.run`; baselines through
-:func:`mtlkit.cli.run_stl` into ``OUT/stl/seed<k>/``). A run whose ``summary.json`` holds its
+the single-run code path of ``mtlkit train`` (:func:`mtlkit.app.cli.run`; baselines through
+:func:`mtlkit.app.cli.run_stl` into ``OUT/stl/seed<k>/``). A run whose ``summary.json`` holds its
 test results is finished and skipped on the next invocation (its saved ``config.yaml`` must
 match, or the grid stops with an error before training); a run with a ``checkpoint.pt`` (written
 on Ctrl-C, or every ``checkpoint_every`` batches) resumes from it; any other is trained from the
@@ -34,7 +34,7 @@ CPUs // jobs), so that each run's peak memory and time are its own; ``jobs=0`` t
 after the other in this process (faster to start; on the CPU the peak memory is then the
 process's running maximum). Then ``OUT/results.csv`` (one row per run), ``OUT/results.md``
 (mean ± std over seeds, 95% CI of Δm%), ``OUT/compare.json`` (what the plots need) and the plots
-of :func:`mtlkit.plots.plot_compare` are written.
+of :func:`mtlkit.app.plots.plot_compare` are written.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from mtlkit.cli import (
+from mtlkit.app.cli import (
     STL_BASELINE,
     check_baseline,
     draw_plots,
@@ -73,7 +73,7 @@ from mtlkit.cli import (
     run,
     run_stl,
 )
-from mtlkit.config import (
+from mtlkit.app.config import (
     BUDGET_KEYS,
     TrainConfig,
     apply_overrides,
@@ -83,13 +83,13 @@ from mtlkit.config import (
 )
 from mtlkit.data.multi_input import MultiInputLoader
 from mtlkit.errors import ConfigError, MtlkitError
-from mtlkit.logging import atomic_file, write_atomic, write_json_atomic
+from mtlkit.training.logs import atomic_file, write_atomic, write_json_atomic
 from mtlkit.methods import EW, METHODS
 from mtlkit.metrics import delta_m
 from mtlkit.registry import Registry, normalize_name
-from mtlkit.strategies import STRATEGIES
+from mtlkit.training.strategies import STRATEGIES
 from mtlkit.tasks import Task
-from mtlkit.trainer import TrainingInterrupted
+from mtlkit.training.trainer import TrainingInterrupted
 
 GRID_KEYS = ("methods", "strategies", "seeds", "budgets", "stl")
 """The keys a compare config adds to a train config."""
@@ -435,8 +435,8 @@ class Outcome:
 
 
 def execute(job: Job, threads: int | None = None) -> Outcome:
-    """Do ``job`` (in this process or in a worker): :func:`mtlkit.cli.run` (and the run's
-    plots when ``plots``) or :func:`mtlkit.cli.run_stl`. User-level failures (an
+    """Do ``job`` (in this process or in a worker): :func:`mtlkit.app.cli.run` (and the run's
+    plots when ``plots``) or :func:`mtlkit.app.cli.run_stl`. User-level failures (an
     :class:`MtlkitError`, e.g. a loss that became NaN) are returned, and written to the run
     folder's ``error.txt``; a bug propagates."""
     if threads is not None:
@@ -860,7 +860,7 @@ def write_results(
     write_atomic(out_dir / "results.md", results_markdown(grid, rows, tasks, out_dir))
     written = [out_dir / "results.csv", out_dir / "results.md", out_dir / "compare.json"]
     if grid.base.plots and rows:
-        from mtlkit.plots import plot_compare
+        from mtlkit.app.plots import plot_compare
 
         try:
             written += plot_compare(out_dir)

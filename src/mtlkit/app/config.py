@@ -70,9 +70,9 @@ class TrainConfig:
     checkpoint_every: int | None = None
     workers: int = 0
     tensorboard: bool = False
-    amp: str = "none"  # none | bf16 | fp16 (CUDA): autocast + loss scaler (mtlkit.precision)
+    amp: str = "none"  # none | bf16 | fp16 (CUDA): autocast + loss scaler (mtlkit.engine.precision)
     accumulate: int = 1  # micro-batches per optimizer step
-    on_nonfinite: str = "raise"  # raise | skip_step | skip_task (mtlkit.numerics)
+    on_nonfinite: str = "raise"  # raise | skip_step | skip_task (mtlkit.training.nonfinite)
 
     def __post_init__(self) -> None:
         for name, value in dataclasses.asdict(self).items():

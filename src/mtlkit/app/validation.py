@@ -31,7 +31,7 @@ wrong, where, and what would be valid. The checks, in the order a run meets them
 
 The checks that the rest of mtlkit already does where the value is used stay there (the
 ``TrainConfig`` field types and ranges, registry argument names, the method x route checks in
-:func:`mtlkit.strategies.check_method`, the data set layouts).
+:func:`mtlkit.training.strategies.check_method`, the data set layouts).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtlkit.config import TrainConfig
+from mtlkit.app.config import TrainConfig
 from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.registry import Registry
 
@@ -105,8 +105,8 @@ def check_config(config: TrainConfig) -> None:
     from mtlkit.architectures import ARCHITECTURES
     from mtlkit.data.benchmarks import DATASETS
     from mtlkit.methods import METHODS
-    from mtlkit.optim import OPTIMIZERS, SCHEDULERS
-    from mtlkit.strategies import STRATEGIES
+    from mtlkit.training.optim import OPTIMIZERS, SCHEDULERS
+    from mtlkit.training.strategies import STRATEGIES
 
     check_arguments(METHODS, config.method, config.method_args, "method_args")
     check_arguments(
@@ -290,7 +290,7 @@ def check_groups(groups: Any, tasks: Sequence[str] | None, key: str = "groups") 
             f"got {groups!r}"
         )
     if tasks is not None:
-        from mtlkit.groups import check_partition
+        from mtlkit.training.groups import check_partition
 
         check_partition(groups, tasks)
 
@@ -302,7 +302,7 @@ def check_device(device: str) -> torch.device:
     Raises:
         ConfigError: saying what exists.
     """
-    from mtlkit.trainer import resolve_device
+    from mtlkit.training.trainer import resolve_device
 
     try:
         return resolve_device(device)
@@ -521,7 +521,7 @@ def dry_forward(trainer: Any, batch: Any) -> None:
             shared representation for ``rep_grad``, or a task's loss rejects the output and
             target (their shapes and dtypes are named) or does not return one number.
     """
-    from mtlkit.trainer import model_hook, to_device
+    from mtlkit.training.trainer import model_hook, to_device
 
     model = trainer.model
     name = type(model).__name__

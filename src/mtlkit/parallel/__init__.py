@@ -1,0 +1,2 @@
+"""Data parallelism: the DDP reducer of Jacobians and Gramians, and sharding of batches and
+loaders across processes."""
