@@ -7,7 +7,8 @@ backward, Adam step. The plain step backpropagates ``Σ_i L_i``. Routes:
 
 * ``param``: the Jacobian w.r.t. the shared parameters (``route="auto"``, the measured-fastest
   Jacobian route);
-* ``gramian``: the layer-wise Gramian (:class:`mtlkit.engine.layer_capture.LayerCapture`), no Jacobian;
+* ``gramian``: the layer-wise Gramian (:class:`mtlkit.engine.layer_capture.LayerCapture`), no
+  Jacobian;
 * ``features``: the Jacobian w.r.t. the shared representation (``features=z``);
 * ``loss``: EW and UW through ``mtlkit.backward`` (one backward of ``Σ w_i L_i``);
 * ``floor``: the issue's reference "Jacobian alone, loop of ``autograd.grad``": the forward and

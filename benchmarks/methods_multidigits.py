@@ -1,8 +1,8 @@
 """Every method on the embedded MultiDigits benchmark: test metrics and Δm% against EW.
 
 Trains HPS (MLP encoder) with each method through ``mtlkit train``'s own code path
-(:func:`mtlkit.app.cli.run`, default config: 10 epochs, Adam 1e-3, batch 64, model selected on the
-lowest summed validation loss) for several seeds, and prints a Markdown table: per-task test
+(:func:`mtlkit.app.runner.run`, default config: 10 epochs, Adam 1e-3, batch 64, model selected on
+the lowest summed validation loss) for several seeds, and prints a Markdown table: per-task test
 metrics (mean ± std over seeds), Δm% against EW with the same seed (flat mean over the metrics,
 lower is better; mean ± std over seeds) and the training time per epoch.
 
@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from mtlkit.app.cli import run
 from mtlkit.app.config import TrainConfig
+from mtlkit.app.runner import run
 from mtlkit.data.multidigits import multidigits_tasks
 from mtlkit.methods import METHODS
 from mtlkit.metrics import delta_m

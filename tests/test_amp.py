@@ -8,11 +8,11 @@ from conftest import tiny_hps
 from torch.utils.data import DataLoader, Dataset
 
 from mtlkit import Budget, ConfigError, Joint, Task, Trainer, methods
-from mtlkit.training.checkpoint import load_checkpoint
 from mtlkit.app.config import TrainConfig
-from mtlkit.methods.base import GradientAggregator
-from mtlkit.training.optim import optimizer
 from mtlkit.engine.precision import LossScaler, Precision
+from mtlkit.methods.base import GradientAggregator
+from mtlkit.training.checkpoint import load_checkpoint
+from mtlkit.training.optim import optimizer
 
 TASKS = ["t0", "t1", "t2"]
 

@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader
 
 from mtlkit import Alternating, Budget, Joint, RandomGroups, Trainer, methods
 from mtlkit.architectures import HPS
-from mtlkit.training.checkpoint import load_checkpoint, save_checkpoint
 from mtlkit.data.benchmarks import DATASETS
 from mtlkit.errors import MtlkitError
+from mtlkit.training.checkpoint import load_checkpoint, save_checkpoint
 from mtlkit.training.optim import optimizer
 from mtlkit.training.trainer import TrainingInterrupted
 

@@ -1,5 +1,5 @@
 """Every ready config under ``configs/`` loads and trains for one optimizer step on a generated
-fixture of its data set (in the data set's real on-disk format), through ``mtlkit.app.cli.run``.
+fixture of its data set (in the data set's real on-disk format), through ``mtlkit.app.runner.run``.
 
 The configs' models, methods and optimizers are used as they are (full widths); only the budget
 (one step), the batch size, the workers and the fixture's image sizes are overridden. Grid
@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtlkit.app.cli import main, run
+from mtlkit.app.cli import main
 from mtlkit.app.compare import GRID_KEYS, load_grid, run_grid
 from mtlkit.app.config import load_config
+from mtlkit.app.runner import run
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 from dataset_fixtures import (

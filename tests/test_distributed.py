@@ -25,10 +25,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from mtlkit import Alternating, Budget, ConfigError, Joint, Task, Trainer, methods
 from mtlkit.architectures import HPS
-from mtlkit.parallel.ddp import Reducer, shard_batch, shard_loader
-from mtlkit.methods.base import GradientAggregator
-from mtlkit.training.optim import optimizer
 from mtlkit.engine.precision import LossScaler, Precision
+from mtlkit.methods.base import GradientAggregator
+from mtlkit.parallel.ddp import Reducer, shard_batch, shard_loader
+from mtlkit.training.optim import optimizer
 
 TASKS = ["t0", "t1", "t2"]
 WORLD = 2

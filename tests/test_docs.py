@@ -128,8 +128,8 @@ def test_docs_build_strict_with_an_entry_for_everything(tmp_path):
     for name in ("index.html", "api/engine/index.html", "concepts/methods/index.html"):
         assert (site / name).is_file(), name
 
-    from mtlkit.architectures import ARCHITECTURES
     from mtlkit.app.cli import build_parser
+    from mtlkit.architectures import ARCHITECTURES
     from mtlkit.data.benchmarks import DATASETS
     from mtlkit.methods import METHODS
     from mtlkit.training.strategies import STRATEGIES

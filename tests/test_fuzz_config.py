@@ -31,8 +31,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mtlkit.architectures import ARCHITECTURES, BACKBONES
 from mtlkit.app.cli import main
+from mtlkit.architectures import ARCHITECTURES, BACKBONES
 from mtlkit.data.benchmarks import DATASETS
 from mtlkit.methods import METHODS
 from mtlkit.training.optim import OPTIMIZERS

@@ -8,8 +8,8 @@ from torch import nn
 
 import mtlkit
 from mtlkit import methods
-from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.engine.layer_capture import LayerCapture
+from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.methods.base import GramianWeighting
 
 

@@ -36,10 +36,10 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from mtlkit.training.checkpoint import CHECKPOINT_NAME, MODEL_NAME, load_checkpoint
 from mtlkit.app.compare import check_same_config, is_finished
 from mtlkit.app.config import load_config
 from mtlkit.data.benchmarks import DATASETS
+from mtlkit.training.checkpoint import CHECKPOINT_NAME, MODEL_NAME, load_checkpoint
 
 SMALL = {"n_train": 320, "n_val": 64, "n_test": 64}  # 5 batches of 64 per epoch
 TRAIN = [

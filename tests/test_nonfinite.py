@@ -20,9 +20,9 @@ from mtlkit.data.benchmarks import DATASETS
 from mtlkit.errors import ConfigError, NonFiniteError
 from mtlkit.methods.base import GramianWeighting
 from mtlkit.methods.solvers import SolverError
+from mtlkit.tasks import Task
 from mtlkit.training.nonfinite import NonFiniteGuard, first_nonfinite
 from mtlkit.training.optim import optimizer
-from mtlkit.tasks import Task
 
 FAULT_STEP = 1  # the second batch (0-based step index)
 TASKS = ("left", "right", "sum")

@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 from mtlkit.app.cli import main
-from mtlkit.errors import MtlkitError
 from mtlkit.app.plots import (
     moving_average,
     pareto_front,
@@ -21,6 +20,7 @@ from mtlkit.app.plots import (
     read_columns,
     read_results,
 )
+from mtlkit.errors import MtlkitError
 
 
 def test_moving_average_values():

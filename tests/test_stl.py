@@ -10,9 +10,10 @@ import torch
 import yaml
 from conftest import one_line_error, summary
 
-import mtlkit.app.cli as cli
-from mtlkit.app.cli import load_problem, main, run, select_tasks
+import mtlkit.app.runner as runner
+from mtlkit.app.cli import main
 from mtlkit.app.config import TrainConfig, load_config
+from mtlkit.app.runner import load_problem, run, select_tasks
 from mtlkit.errors import ConfigError
 
 TINY = [
@@ -112,7 +113,7 @@ def test_stl_trains_one_model_per_task_and_writes_the_baseline(tmp_path, capsys)
 
 
 def test_an_stl_run_is_the_same_as_training_that_task_alone(tmp_path):
-    baseline = cli.run_stl(load_config(None, [*TINY, "tasks=[right]"]), tmp_path / "stl")
+    baseline = runner.run_stl(load_config(None, [*TINY, "tasks=[right]"]), tmp_path / "stl")
     assert list(baseline) == ["right"]
     alone = run(load_config(None, [*TINY, "tasks=[right]"]), tmp_path / "alone")
     assert baseline["right"]["acc"] == alone["right"]["acc"]
@@ -186,7 +187,7 @@ def test_two_metric_tasks_weigh_differently_in_the_two_means():
     ]
     results = {"a": {"loss": 9.0, "x": 1.1, "y": 2.0}, "b": {"loss": 9.0, "z": 0.5}}
     baseline = {"a": {"x": 1.0, "y": 1.0}, "b": {"z": 1.0}}
-    line = cli.format_delta_m(results, tasks, baseline, "B")
+    line = runner.format_delta_m(results, tasks, baseline, "B")
     # drops: x -10%, y +100%, z +50%; flat mean 46.67; task mean (45 + 50) / 2 = 47.5
     assert line.startswith("delta_m vs B: +46.67% (mean over metrics), +47.50% (mean over tasks)")
 
@@ -217,13 +218,13 @@ def test_a_bad_baseline_is_one_error_before_training(tmp_path, capsys, content, 
 
 def test_scheduler_args_reach_the_optimizer_factory(tmp_path, monkeypatch):
     seen = {}
-    factory = cli.optimizer
+    factory = runner.optimizer
 
     def spy(*args, **kwargs):
         seen.update(kwargs)
         return factory(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "optimizer", spy)
+    monkeypatch.setattr(runner, "optimizer", spy)
     overrides = [*TINY, "scheduler=step", "scheduler_args.step_size=3", "scheduler_args.gamma=0.1"]
     run(load_config(None, overrides), None)
     assert seen["scheduler"] == "step" and seen["step_size"] == 3 and seen["gamma"] == 0.1

@@ -13,8 +13,6 @@ import torch
 from torch import Tensor
 
 from mtlkit.app.cli import main
-from mtlkit.errors import ConfigError, MtlkitError
-from mtlkit.methods import UW, GramianWeighting
 from mtlkit.app.toy import (
     STARTS,
     front_distance,
@@ -26,6 +24,8 @@ from mtlkit.app.toy import (
     table_rows,
     toy_losses,
 )
+from mtlkit.errors import ConfigError, MtlkitError
+from mtlkit.methods import UW, GramianWeighting
 
 F64 = torch.float64
 

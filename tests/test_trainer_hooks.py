@@ -13,12 +13,12 @@ from torch.utils.data import DataLoader, TensorDataset
 import mtlkit
 from mtlkit import Budget, Joint, Trainer
 from mtlkit.architectures import HPS
-from mtlkit.training.batches import BatchStream
 from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.methods import GradientAggregator
 from mtlkit.metrics import MeanSquaredError
-from mtlkit.training.optim import optimizer
 from mtlkit.tasks import Task
+from mtlkit.training.batches import BatchStream
+from mtlkit.training.optim import optimizer
 
 TASKS = [
     Task(

@@ -8,10 +8,11 @@ The public API: the per-task gradient engine (:func:`jacobian`, :func:`gramian`,
 from mtlkit import methods
 from mtlkit.architectures import HPS
 from mtlkit.engine.autograd import backward, gramian, jacobian
-from mtlkit.errors import ConfigError, MtlkitError, NonFiniteError, UnknownNameError
 from mtlkit.engine.layer_capture import LayerCapture
-from mtlkit.training.groups import RandomGroups
+from mtlkit.errors import ConfigError, MtlkitError, NonFiniteError, UnknownNameError
 from mtlkit.metrics import Accuracy, MeanAbsoluteError, MeanSquaredError, Metric, delta_m
+from mtlkit.tasks import Task
+from mtlkit.training.groups import RandomGroups
 from mtlkit.training.optim import optimizer
 from mtlkit.training.strategies import (
     Alternating,
@@ -21,7 +22,6 @@ from mtlkit.training.strategies import (
     Strategy,
     StrategyContext,
 )
-from mtlkit.tasks import Task
 from mtlkit.training.trainer import Budget, Trainer
 
 __version__ = "0.1.0"

@@ -37,8 +37,8 @@ from mtlkit.methods.bilevel import (
 )
 from mtlkit.methods.mgda import min_norm_weights
 from mtlkit.metrics import MeanSquaredError
-from mtlkit.training.optim import optimizer
 from mtlkit.tasks import Task
+from mtlkit.training.optim import optimizer
 
 F64 = torch.float64
 NAMES = {"auto_lambda": AutoLambda, "moml": MOML, "forum": FORUM}

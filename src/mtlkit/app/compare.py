@@ -24,8 +24,8 @@ Without ``methods``/``strategies``/``seeds`` the grid takes the config's ``metho
 arguments, all reported before any run starts.
 
 ``run_grid`` trains every run into ``OUT/runs/<method>-<strategy>-seed<k>[-<budget>]/`` through
-the single-run code path of ``mtlkit train`` (:func:`mtlkit.app.cli.run`; baselines through
-:func:`mtlkit.app.cli.run_stl` into ``OUT/stl/seed<k>/``). A run whose ``summary.json`` holds its
+the single-run code path of ``mtlkit train`` (:func:`mtlkit.app.runner.run`; baselines through
+:func:`mtlkit.app.runner.run_stl` into ``OUT/stl/seed<k>/``). A run whose ``summary.json`` holds its
 test results is finished and skipped on the next invocation (its saved ``config.yaml`` must
 match, or the grid stops with an error before training); a run with a ``checkpoint.pt`` (written
 on Ctrl-C, or every ``checkpoint_every`` batches) resumes from it; any other is trained from the
@@ -63,7 +63,15 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from mtlkit.app.cli import (
+from mtlkit.app.config import (
+    BUDGET_KEYS,
+    TrainConfig,
+    apply_overrides,
+    config_keys,
+    parse_value,
+    read_config_file,
+)
+from mtlkit.app.runner import (
     STL_BASELINE,
     check_baseline,
     draw_plots,
@@ -73,22 +81,14 @@ from mtlkit.app.cli import (
     run,
     run_stl,
 )
-from mtlkit.app.config import (
-    BUDGET_KEYS,
-    TrainConfig,
-    apply_overrides,
-    config_keys,
-    parse_value,
-    read_config_file,
-)
 from mtlkit.data.multi_input import MultiInputLoader
 from mtlkit.errors import ConfigError, MtlkitError
-from mtlkit.training.logs import atomic_file, write_atomic, write_json_atomic
 from mtlkit.methods import EW, METHODS
 from mtlkit.metrics import delta_m
 from mtlkit.registry import Registry, normalize_name
-from mtlkit.training.strategies import STRATEGIES
 from mtlkit.tasks import Task
+from mtlkit.training.logs import atomic_file, write_atomic, write_json_atomic
+from mtlkit.training.strategies import STRATEGIES
 from mtlkit.training.trainer import TrainingInterrupted
 
 GRID_KEYS = ("methods", "strategies", "seeds", "budgets", "stl")
@@ -435,8 +435,8 @@ class Outcome:
 
 
 def execute(job: Job, threads: int | None = None) -> Outcome:
-    """Do ``job`` (in this process or in a worker): :func:`mtlkit.app.cli.run` (and the run's
-    plots when ``plots``) or :func:`mtlkit.app.cli.run_stl`. User-level failures (an
+    """Do ``job`` (in this process or in a worker): :func:`mtlkit.app.runner.run` (and the run's
+    plots when ``plots``) or :func:`mtlkit.app.runner.run_stl`. User-level failures (an
     :class:`MtlkitError`, e.g. a loss that became NaN) are returned, and written to the run
     folder's ``error.txt``; a bug propagates."""
     if threads is not None:

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
-from mtlkit.errors import NonFiniteError
 from mtlkit.engine.layer_capture import LayerCapture
+from mtlkit.errors import NonFiniteError
 from mtlkit.methods.base import GradientAggregator, GramianWeighting, LossWeighting, Method
 
 if TYPE_CHECKING:

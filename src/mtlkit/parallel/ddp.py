@@ -74,11 +74,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from mtlkit.engine.autograd import graph_leaves, jacobian
 from mtlkit.data.multi_input import MultiInputLoader
+from mtlkit.engine.autograd import graph_leaves, jacobian
+from mtlkit.engine.precision import LossScaler, Precision
 from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.methods.base import GradientAggregator, GramianWeighting, Method
-from mtlkit.engine.precision import LossScaler, Precision
 
 if TYPE_CHECKING:
     from mtlkit.training.strategies import ComputeLosses, ForwardResult, StrategyContext

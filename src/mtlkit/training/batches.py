@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from mtlkit.training.checkpoint import LoaderPosition
 from mtlkit.data.multi_input import MultiInputLoader
 from mtlkit.errors import MtlkitError
+from mtlkit.training.checkpoint import LoaderPosition
 
 
 def independent_copy(loader: Iterable[Any], seed: int) -> Iterable[Any]:

@@ -22,14 +22,14 @@ import torch
 from torch import Tensor, nn
 
 from mtlkit.engine.autograd import StepRoute, backward, jacobian
-from mtlkit.parallel.ddp import Reducer, accumulate, check_parallel
-from mtlkit.errors import ConfigError
 from mtlkit.engine.layer_capture import LayerCapture
-from mtlkit.training.groups import GroupSchedule, GroupSpec, RandomGroups, Resample
+from mtlkit.errors import ConfigError
 from mtlkit.methods import EW, Method
 from mtlkit.methods.base import GramianWeighting, StepProbe
-from mtlkit.training.nonfinite import NonFiniteGuard
+from mtlkit.parallel.ddp import Reducer, accumulate, check_parallel
 from mtlkit.registry import Registry
+from mtlkit.training.groups import GroupSchedule, GroupSpec, RandomGroups, Resample
+from mtlkit.training.nonfinite import NonFiniteGuard
 
 Scheduler = Any  # torch.optim.lr_scheduler.LRScheduler or anything with step()/state_dict()
 OptimizerFactory = Callable[[list[nn.Parameter]], "tuple[torch.optim.Optimizer, Scheduler | None]"]

@@ -32,7 +32,14 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice per epoch
 
+from mtlkit.app.validation import check_training
+from mtlkit.data.multi_input import MultiInputLoader
 from mtlkit.engine.autograd import StepRoute
+from mtlkit.engine.precision import Precision
+from mtlkit.errors import ConfigError, MtlkitError, NonFiniteError
+from mtlkit.methods.solvers import SolverError
+from mtlkit.parallel.ddp import Parallel
+from mtlkit.tasks import Task
 from mtlkit.training.batches import BatchStream
 from mtlkit.training.checkpoint import (
     CHECKPOINT_NAME,
@@ -42,19 +49,12 @@ from mtlkit.training.checkpoint import (
     remove_partial_files,
     save_checkpoint,
 )
-from mtlkit.data.multi_input import MultiInputLoader
 from mtlkit.training.diagnostics import ExplorationTracker, exploration_parameters
-from mtlkit.parallel.ddp import Parallel
-from mtlkit.errors import ConfigError, MtlkitError, NonFiniteError
 from mtlkit.training.logs import CsvLog, require_tensorboard, with_tensorboard, write_json_atomic
-from mtlkit.methods.solvers import SolverError
 from mtlkit.training.nonfinite import check_policy
 from mtlkit.training.optim import OptimizerFactory
 from mtlkit.training.optim import optimizer as default_optimizer
-from mtlkit.engine.precision import Precision
 from mtlkit.training.strategies import ForwardResult, Joint, Strategy, StrategyContext
-from mtlkit.tasks import Task
-from mtlkit.app.validation import check_training
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,329 @@
+"""The run builder: one training run (or the single-task baselines) from a typed config.
+
+:func:`run` is the single-run code path of ``mtlkit train`` and of every run of ``mtlkit
+compare``: it loads the data (:func:`load_problem`), builds the method, strategy, model and
+optimizer factory from their registries, validates the whole setup on the first batch, writes
+``config.yaml`` and trains with the :class:`~mtlkit.Trainer`. :func:`run_stl` trains the
+single-task baselines that Δm% is measured against (:func:`format_delta_m`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from mtlkit.app.config import TrainConfig
+from mtlkit.app.plots import plot_run
+from mtlkit.app.validation import check_config, check_problem
+from mtlkit.architectures import build
+from mtlkit.data.benchmarks import DATASETS, Problem
+from mtlkit.errors import ConfigError, MtlkitError
+from mtlkit.methods import METHODS
+from mtlkit.metrics import delta_m
+from mtlkit.parallel.ddp import init_from_env, is_main_process
+from mtlkit.registry import Registry
+from mtlkit.tasks import Task
+from mtlkit.training.logs import write_atomic, write_json_atomic
+from mtlkit.training.optim import optimizer
+from mtlkit.training.strategies import STRATEGIES
+from mtlkit.training.trainer import Budget, Results, Trainer
+
+
+def draw_plots(out_dir: Path) -> None:
+    """The run's figures (``mtlkit.app.plots``); without matplotlib, say so and go on (the results
+    are written already; ``mtlkit plot RUN_DIR`` draws them later)."""
+    try:
+        plot_run(out_dir)
+    except MtlkitError as error:
+        if "matplotlib" not in str(error):
+            raise
+        print(f"mtlkit: plots not drawn: {error}; plots=false hides this", file=sys.stderr)
+
+
+def resolve_out_dir(config: TrainConfig, label: str | None = None) -> Path:
+    """``config.out``, or a new folder ``runs/<data>-<arch>-<method>-<strategy>-s<seed>[-N]``
+    (``runs/<data>-<arch>-<label>-s<seed>[-N]`` with a ``label``) that never overwrites an
+    earlier run."""
+    if config.out is not None:
+        return Path(config.out)
+    kind = label or f"{config.method}-{config.strategy}"
+    base = Path("runs") / f"{config.data}-{config.arch}-{kind}-s{config.seed}"
+    candidate, n = base, 1
+    while candidate.exists():
+        candidate = base.with_name(f"{base.name}-{n}")
+        n += 1
+    return candidate
+
+
+def load_problem(config: TrainConfig, out_dir: Path | None) -> Problem:
+    """The data set of ``config`` (a drawn split is written to ``out_dir/splits``), restricted
+    to ``config.tasks`` if given."""
+    data_args = dict(config.data_args)
+    arguments = DATASETS.arguments(config.data)
+    missing = [a.name for a in arguments if a.required and a.name not in data_args]
+    if missing:
+        given = ", ".join(
+            "data_args.root=PATH (the folder of the data set; or --data-root PATH)"
+            if name == "root"
+            else f"data_args.{name}=VALUE"
+            for name in missing
+        )
+        raise ConfigError(f"dataset {config.data!r} needs {given}")
+    takes_splits = any(a.name == "split_dir" for a in arguments)
+    if takes_splits and "split_dir" not in data_args and out_dir is not None:
+        data_args["split_dir"] = str(out_dir / "splits")  # a drawn split is kept beside results
+    problem: Problem = DATASETS.get(config.data, seed=config.seed, **data_args)
+    if config.tasks is not None:
+        problem = select_tasks(problem, config.tasks, config.data)
+    return problem
+
+
+def select_tasks(problem: Problem, names: Sequence[str], data: str = "the data set") -> Problem:
+    """``problem`` with only the tasks ``names`` (in that order): its tasks, the outputs per
+    task and, for multi-input problems, the per-task datasets of each split. Single-input
+    datasets keep yielding every target; the Trainer reads only those of its tasks.
+
+    Raises:
+        ConfigError: if a name is not a task of ``problem`` (the message lists the valid ones).
+    """
+    by_name = {t.name: t for t in problem.tasks}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ConfigError(
+            f"unknown task(s) {', '.join(map(repr, unknown))} for dataset {data!r}; "
+            f"valid tasks: {', '.join(by_name)}"
+        )
+    splits = problem.splits
+    if problem.multi_input:
+        splits = {split: {n: sets[n] for n in names} for split, sets in splits.items()}
+    return dataclasses.replace(
+        problem,
+        splits=splits,
+        tasks=[by_name[n] for n in names],
+        task_outputs={n: problem.task_outputs[n] for n in names},
+    )
+
+
+def run(
+    config: TrainConfig,
+    out_dir: Path | None,
+    resume: bool = False,
+    problem: Problem | None = None,
+) -> Results:
+    """Train and test one model as ``config`` says (continuing from ``out_dir``'s checkpoint
+    when ``resume``); return the test results. ``problem``: the data, already loaded by
+    :func:`load_problem` (loaded here otherwise)."""
+    torch.manual_seed(config.seed)
+    init_from_env(config.device)  # under torchrun: the process group of the run (DDP)
+    check_config(config)
+    if problem is None:
+        problem = load_problem(config, out_dir)
+    check_problem(config, [t.name for t in problem.tasks])
+    method_args = seeded(METHODS, config.method, config.method_args, config)
+    method = METHODS.get(config.method, **method_args)
+    strategy = STRATEGIES.get(config.strategy, method=method, **config.strategy_args)
+    model = build(
+        config.arch,
+        problem.input_shape,
+        problem.task_outputs,
+        multi_input=problem.multi_input,
+        **config.arch_args,
+    )
+    factory = optimizer(
+        config.optimizer,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        scheduler=config.scheduler,
+        epochs=config.epochs or 1,
+        **config.scheduler_args,
+    )
+    trainer = Trainer(
+        model,
+        problem.tasks,
+        strategy,
+        factory,
+        budget=Budget(
+            config.epochs,
+            config.steps,
+            config.passes,
+            config.seconds,
+            forward_backward=config.forward_backward,
+        ),
+        device=config.device,
+        rep_grad=config.rep_grad,
+        route=config.route,
+        select=config.select,
+        seed=config.seed,
+        out_dir=out_dir,
+        config=config.to_dict(),
+        progress=config.progress,
+        track_exploration=config.track_exploration,
+        checkpoint_every=config.checkpoint_every,
+        tensorboard=config.tensorboard,
+        amp=config.amp,
+        accumulate=config.accumulate,
+        on_nonfinite=config.on_nonfinite,
+    )
+    loaders = make_loaders(problem, config)
+    trainer.validate(loaders["train"])  # before the run's files are written (mtlkit.app.validation)
+    if out_dir is not None and is_main_process():
+        write_atomic(out_dir / "config.yaml", config.to_yaml())
+    trainer.fit(loaders["train"], loaders["val"], resume=resume)
+    return trainer.evaluate(loaders["test"], split="test")
+
+
+STL_BASELINE = "stl_baseline.json"
+
+
+def run_stl(config: TrainConfig, out_dir: Path, announce: bool = False) -> Results:
+    """Single-task baselines: for each task (``config.tasks``, or all of the problem's), train
+    a model on that task alone into ``out_dir/stl/<task>``, with ``config`` except that the
+    method is plain EW on the joint strategy (with one task: the task's own loss) and a
+    selection criterion on another task's metric becomes ``loss``. Write the
+    test metrics ``{task: {metric: value}}`` (losses left out) to ``out_dir/stl_baseline.json``
+    and return them. A drawn split (Office) is shared by all tasks (``out_dir/splits``).
+    """
+    data_args = dict(config.data_args)
+    takes_splits = any(a.name == "split_dir" for a in DATASETS.arguments(config.data))
+    if takes_splits and "split_dir" not in data_args:
+        data_args["split_dir"] = str(out_dir / "splits")
+    base = dataclasses.replace(
+        config,
+        data_args=data_args,
+        method="ew",
+        method_args={},
+        strategy="joint",
+        strategy_args={},
+        baseline=None,
+    )
+    names = [t.name for t in load_problem(base, out_dir).tasks]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "config.yaml", config.to_yaml())
+    baseline: Results = {}
+    for name in names:
+        task_dir = out_dir / "stl" / name
+        select = base.select
+        if select not in ("loss", "last") and not select.startswith(f"{name}/"):
+            select = "loss"  # another task's metric: that task is not trained here
+        single = dataclasses.replace(base, tasks=[name], select=select, out=str(task_dir))
+        if announce:
+            print(f"stl: task {name!r} -> {task_dir}", flush=True)
+        results = run(single, task_dir)
+        baseline[name] = {m: v for m, v in results[name].items() if m != "loss"}
+    write_json_atomic(out_dir / STL_BASELINE, baseline)
+    return baseline
+
+
+def load_baseline(path: str | Path) -> Results:
+    """An ``stl_baseline.json``: ``{task: {metric: number}}``.
+
+    Raises:
+        ConfigError: if the file is missing, not JSON, or not of that form.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"baseline file {str(path)!r} does not exist (mtlkit train --stl)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"baseline file {str(path)!r} is not valid JSON: {error}") from error
+    well_formed = isinstance(data, dict) and all(
+        isinstance(metrics, dict)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
+        for metrics in data.values()
+    )
+    if not well_formed:
+        raise ConfigError(
+            f"baseline file {str(path)!r} must hold {{task: {{metric: number}}}} "
+            "(as written by mtlkit train --stl)"
+        )
+    return {t: {m: float(v) for m, v in metrics.items()} for t, metrics in data.items()}
+
+
+def check_baseline(baseline: Results, tasks: Sequence[Task], path: str | Path) -> None:
+    """Raise a ConfigError (before training) if ``baseline`` lacks a task or metric of
+    ``tasks`` or holds a value Δm% cannot divide by."""
+    for task in tasks:
+        if task.name not in baseline:
+            raise ConfigError(
+                f"baseline {str(path)!r} has no task {task.name!r}; it has "
+                f"{', '.join(baseline) or 'none'}"
+            )
+        for metric in task.metrics:
+            value = baseline[task.name].get(metric)
+            if value is None:
+                raise ConfigError(f"baseline {str(path)!r} has no metric {task.name}/{metric}")
+            if value == 0.0 or not math.isfinite(value):
+                raise ConfigError(
+                    f"baseline {str(path)!r}: {task.name}/{metric} = {value} (delta_m needs a "
+                    "finite, non-zero baseline)"
+                )
+
+
+def format_delta_m(
+    results: Results, tasks: Sequence[Task], baseline: Results, path: str | Path
+) -> str:
+    """The run's Δm% against ``baseline`` (lower is better), over the tasks' metrics (losses
+    left out): the mean over all metrics (Nash-MTL, FAMO) and the mean over tasks of each task's
+    mean, weighted by ``Task.weight`` (LibMTL)."""
+    metrics = {t.name: {m: results[t.name][m] for m in t.metrics} for t in tasks}
+    directions = {t.name: t.higher_is_better() for t in tasks}
+    weights = {t.name: t.weight for t in tasks}
+    flat = delta_m(metrics, baseline, directions, mode="flat")
+    per_task = delta_m(metrics, baseline, directions, mode="task_mean", task_weights=weights)
+    return (
+        f"delta_m vs {path}: {flat:+.2f}% (mean over metrics), "
+        f"{per_task:+.2f}% (mean over tasks); lower is better"
+    )
+
+
+def seeded(
+    registry: Registry[Any], name: str, args: dict[str, Any], config: TrainConfig
+) -> dict[str, Any]:
+    """``args`` with ``generator=config.seed`` added for an entry that takes a ``generator`` and
+    was not given one, so that stochastic methods are reproducible from the run's seed."""
+    takes = any(a.name == "generator" for a in registry.arguments(name))
+    return {**args, "generator": config.seed} if takes and "generator" not in args else args
+
+
+def make_loaders(problem: Problem, config: TrainConfig) -> dict[str, Any]:
+    """Seeded DataLoaders per split (``{task: DataLoader}`` for multi-input problems)."""
+
+    def loader(dataset: Any, shuffle: bool, offset: int) -> DataLoader:
+        generator = torch.Generator().manual_seed(config.seed * 1000 + offset)
+        return DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=config.workers,
+        )
+
+    loaders: dict[str, Any] = {}
+    for split, data in problem.splits.items():
+        shuffle = split == "train"
+        if problem.multi_input:
+            loaders[split] = {t: loader(d, shuffle, i) for i, (t, d) in enumerate(data.items())}
+        else:
+            loaders[split] = loader(data, shuffle, 0)
+    return loaders
+
+
+def format_results(results: Results) -> str:
+    """A plain-text table: one row per task, one column per metric."""
+    metrics = sorted({m for r in results.values() for m in r}, key=lambda m: (m != "loss", m))
+    header = ["task", *metrics]
+    rows = [[t] + [f"{r[m]:.4f}" if m in r else "" for m in metrics] for t, r in results.items()]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
