@@ -8,7 +8,7 @@ from conftest import task_losses, tiny_hps
 from torch import Tensor, nn
 
 import mtlkit
-from mtlkit.engine.autograd import graph_leaves
+from mtlkit.engine.backward import graph_leaves
 from mtlkit.errors import NonFiniteError
 from mtlkit.methods import EW, MGDA, UW, GradientAggregator, GramianWeighting
 

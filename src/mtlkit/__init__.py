@@ -7,7 +7,7 @@ The public API: the per-task gradient engine (:func:`jacobian`, :func:`gramian`,
 
 from mtlkit import methods
 from mtlkit.architectures import HPS
-from mtlkit.engine.autograd import backward, gramian, jacobian
+from mtlkit.engine.backward import backward, gramian, jacobian
 from mtlkit.engine.layer_capture import LayerCapture
 from mtlkit.errors import ConfigError, MtlkitError, NonFiniteError, UnknownNameError
 from mtlkit.metrics import Accuracy, MeanAbsoluteError, MeanSquaredError, Metric, delta_m

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtlkit.engine.autograd import backward, jacobian
+from mtlkit.engine.backward import backward, jacobian
 from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.methods import METHODS, Method
 

@@ -270,7 +270,7 @@ def _add_kernel_gramian(
 
 def _verify(gram: Tensor, losses: Sequence[Tensor], shared: Sequence[Tensor]) -> None:
     """Raise unless ``gram`` equals ``J Jᵀ`` from the Jacobian route."""
-    from mtlkit.engine.autograd import jacobian
+    from mtlkit.engine.backward import jacobian
 
     jac = jacobian(list(losses), list(shared), route="loop", retain_graph=True)
     reference = jac @ jac.T

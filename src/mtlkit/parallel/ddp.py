@@ -75,7 +75,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from mtlkit.data.multi_input import MultiInputLoader
-from mtlkit.engine.autograd import graph_leaves, jacobian
+from mtlkit.engine.backward import graph_leaves, jacobian
 from mtlkit.engine.precision import LossScaler, Precision
 from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.methods.base import GradientAggregator, GramianWeighting, Method

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from mtlkit.engine.autograd import StepRoute, backward, jacobian
+from mtlkit.engine.backward import StepRoute, backward, jacobian
 from mtlkit.engine.layer_capture import LayerCapture
 from mtlkit.errors import ConfigError
 from mtlkit.methods import EW, Method

@@ -34,7 +34,7 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice p
 
 from mtlkit.app.validation import check_training
 from mtlkit.data.multi_input import MultiInputLoader
-from mtlkit.engine.autograd import StepRoute
+from mtlkit.engine.backward import StepRoute
 from mtlkit.engine.precision import Precision
 from mtlkit.errors import ConfigError, MtlkitError, NonFiniteError
 from mtlkit.methods.solvers import SolverError
