@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from dataset_fixtures import write_office
@@ -97,5 +99,8 @@ def test_errors_show_the_layout(office31, tmp_path):
     with pytest.raises(DatasetError, match="no image"):
         DATASETS.get("office_31", root=str(root), split_dir=str(split_dir))
     (root / "webcam" / "images" / "scissors").mkdir()
+    shutil.copy(
+        root / "webcam/images/bike/frame_0001.jpg", root / "webcam/images/scissors/a.jpg"
+    )  # a class of one domain only (an empty class folder is refused first)
     with pytest.raises(DatasetError, match="different classes"):
         DATASETS.get("office_31", root=str(root))

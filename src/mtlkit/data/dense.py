@@ -10,6 +10,12 @@ unlabelled pixels), ``depth`` ``[H, W, 1]`` (0 where invalid) and, for NYUv2, ``
 ``[H, W, 3]`` (unit vectors; the zero vector where invalid). Any real dtype is accepted (the
 files are float64); labels must hold integers.
 
+Missing values: as in MTAN's and LibMTL's loaders, the *only* marks of a missing value are depth
+0, the zero normal and label -1 (the losses and metrics mask exactly those). A NaN or infinite
+value in any map (or one too large for float32) is refused when the sample is read, with a
+:class:`~mtlkit.errors.DatasetError` naming the file, the count and the first pixel: it would
+otherwise pass the ``!= 0`` masks and turn the loss into NaN. Write 0 for a missing depth.
+
 :class:`DenseNpy` reads one split; its items are ``(image float32 [3, H, W], {task: target})``
 with segmentation targets int64 ``[H, W]`` (-1 = ignore), depth float32 ``[1, H, W]`` and normals
 float32 ``[3, H, W]``, so the default collate gives ``[B, ...]`` batches. The tasks:
@@ -201,7 +207,8 @@ class DenseNpy(Dataset):
         """Map ``name`` of sample ``index`` in the layout of its kind (see the module docstring).
 
         Raises:
-            DatasetError: if the file cannot be read or has the wrong shape or values.
+            DatasetError: if the file cannot be read or has the wrong shape or values (a NaN or
+                infinite value included, see the module docstring).
         """
         path = self.path(name, index)
         kind = self.kinds[name]
@@ -227,6 +234,8 @@ class DenseNpy(Dataset):
                 f"{str(path)!r} holds {array.dtype} {list(array.shape)}, expected a real {want}",
                 self.layout,
             )
+        if np.issubdtype(array.dtype, np.floating):
+            self._check_finite(path, kind, array)
         if kind == "label":
             labels = array.astype(np.int64)
             if np.issubdtype(array.dtype, np.floating) and not np.array_equal(labels, array):
@@ -243,6 +252,26 @@ class DenseNpy(Dataset):
                 )
             return torch.from_numpy(labels)
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1)
+
+    def _check_finite(self, path: Path, kind: MapKind, array: np.ndarray) -> None:
+        """Raise a DatasetError naming the file, the count and the first pixel if ``array``
+        holds NaN or infinite values, or values beyond float32 (the dtype they are read in)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            bad = ~np.isfinite(array.astype(np.float32))
+        if not bad.any():
+            return
+        row, column = (int(i) for i in np.argwhere(bad)[0][:2])
+        hint = {
+            "depth": "; invalid depth is 0 in this layout, not NaN",
+            "normal": "; an invalid normal is the zero vector in this layout, not NaN",
+            "label": "; unlabelled pixels are -1 in this layout",
+        }.get(kind, "")
+        raise dataset_error(
+            self.dataset,
+            f"{str(path)!r}: {int(bad.sum())} NaN or infinite value(s), the first at row {row}, "
+            f"column {column} ({array[row, column].ravel()[0]}){hint}",
+            self.layout,
+        )
 
     def _rng(self) -> torch.Generator:
         info = get_worker_info()

@@ -4,7 +4,9 @@ Silberman et al. (ECCV 2012), in the preprocessed form of MTAN (Liu et al., CVPR
 LibMTL, Nash-MTL, FAMO and others use: 795 training and 654 test scenes of 288 x 384 pixels, one
 ``.npy`` file per scene and map (see :data:`LAYOUT` and :mod:`mtlkit.data.dense`). Images are RGB
 in [0, 1] (not normalised, as in MTAN); labels are 13 classes (0..12) with -1 unlabelled; depth is
-in metres with 0 where invalid; normals are unit vectors, zero where invalid.
+in metres with 0 where invalid; normals are unit vectors, zero where invalid. Those are the only
+marks of missing values (MTAN's and LibMTL's masks): a NaN or infinite value in any map is refused
+with a :class:`~mtlkit.errors.DatasetError` naming the file (see :mod:`mtlkit.data.dense`).
 
 Tasks (:func:`nyuv2_tasks`): ``segmentation`` (13 channels; ``miou``, ``pix_acc``), ``depth``
 (1 channel; ``abs_err``, ``rel_err``), ``normal`` (3 channels; ``mean_angle``, ``median_angle``,
@@ -45,7 +47,7 @@ LAYOUT = """
   train/                      795 scenes
     image/0.npy ...           float [288, 384, 3], RGB in [0, 1]
     label/0.npy ...           [288, 384], class 0..12, -1 = unlabelled
-    depth/0.npy ...           float [288, 384, 1], metres, 0 = invalid
+    depth/0.npy ...           float [288, 384, 1], metres, 0 = invalid (NaN/inf refused)
     normal/0.npy ...          float [288, 384, 3], unit normals, 0 = invalid
   val/                        654 scenes, the same four folders (used as the test split)
 """

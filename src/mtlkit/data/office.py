@@ -5,7 +5,9 @@ webcam) and Office-Home (Venkateswara et al., CVPR 2017: 15588 images of 65 clas
 Clipart, Product and Real World), as multi-task problems in the manner of LibMTL: each domain is
 a task with its own input images and its own classifier head over the shared classes. The folders
 are read as released (see :data:`OFFICE31_LAYOUT` and :data:`OFFICE_HOME_LAYOUT`); classes are
-numbered in the sorted order of their folder names, which every domain must share.
+numbered in the sorted order of their folder names, which every domain must share; a class folder
+without images is refused (a :class:`~mtlkit.errors.DatasetError` naming it), since its class
+could then be neither trained nor tested in that domain.
 
 Split: there is no official one. Each domain is split 60/20/20 into train/val/test, per class
 (stratified: ``round(0.2 n)`` images of a class of ``n`` go to val, as many to test, the rest to
@@ -185,8 +187,15 @@ def _scan(spec: OfficeSpec, root: Path) -> tuple[list[str], dict[str, dict[str, 
                     for f in os.scandir(entry.path)
                     if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES)
                 )
+                if not images:
+                    raise dataset_error(
+                        spec.name,
+                        f"the class folder {entry.path!r} holds no image "
+                        f"({', '.join(IMAGE_SUFFIXES)}); every class needs images in every domain",
+                        spec.layout,
+                    )
                 classes[entry.name] = images
-        if not classes or not any(classes.values()):
+        if not classes:
             raise dataset_error(
                 spec.name, f"no <class>/<image> files in {str(folder)!r}", spec.layout
             )

@@ -41,6 +41,10 @@ import functools
 import hashlib
 import os
 import tarfile
+import tempfile
+import warnings
+import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
@@ -120,7 +124,8 @@ def parse_xyz(text: str, name: str = "<xyz>") -> tuple[int, np.ndarray, np.ndarr
     [n, 3], the 15 properties float64 [15])``.
 
     Raises:
-        DatasetError: naming the file and line, if the text is not in the QM9 format.
+        DatasetError: naming the file and line, if the text is not in the QM9 format or a
+            property or coordinate is NaN or infinite (naming the molecule too).
     """
     lines = text.splitlines()
 
@@ -141,6 +146,10 @@ def parse_xyz(text: str, name: str = "<xyz>") -> tuple[int, np.ndarray, np.ndarr
         properties = np.array([_number(t) for t in head[2 : 2 + len(PROPERTIES)]])
     except ValueError as error:
         raise fail(2, f"bad number: {error}") from None
+    bad = np.flatnonzero(~np.isfinite(properties))
+    if bad.size:
+        k = int(bad[0])
+        raise fail(2, f"molecule gdb {head[1]}: property {PROPERTIES[k]} is {properties[k]}")
     numbers = np.empty(n, dtype=np.int64)
     positions = np.empty((n, 3), dtype=np.float64)
     for i in range(n):
@@ -152,6 +161,8 @@ def parse_xyz(text: str, name: str = "<xyz>") -> tuple[int, np.ndarray, np.ndarr
             positions[i] = [_number(t) for t in parts[1:4]]
         except ValueError as error:
             raise fail(3 + i, f"bad number: {error}") from None
+        if not np.isfinite(positions[i]).all():
+            raise fail(3 + i, f"molecule gdb {head[1]}: coordinates {positions[i].tolist()}")
     return int(head[1]), numbers, positions, properties
 
 
@@ -202,6 +213,56 @@ class Molecules:
         return np.stack(columns, axis=1)
 
 
+def _read_text(path: str) -> str:
+    """The text of one ``.xyz`` file (ASCII in the release).
+
+    Raises:
+        DatasetError: naming the file, if it cannot be read or is not UTF-8.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as error:
+        raise dataset_error(_DATASET, f"cannot read {path!r}: {error}", LAYOUT) from None
+    return _decode(raw, repr(path))
+
+
+def _decode(raw: bytes, name: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise dataset_error(
+            _DATASET,
+            f"{name} is not UTF-8 text: byte {raw[error.start]:#04x} at offset {error.start}",
+            LAYOUT,
+        ) from None
+
+
+def _unpack(archive: Path) -> Iterator[tuple[str, str]]:
+    """``(archive:member, text)`` of each ``.xyz`` member of a tar archive.
+
+    Raises:
+        DatasetError: naming the archive if it is truncated or corrupt, or the member if it is
+            not UTF-8.
+    """
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".xyz"):
+                    handle = tar.extractfile(member)
+                    if handle is None:
+                        raise tarfile.ReadError(f"member {member.name!r} has no data")
+                    name = f"{archive.name}:{member.name}"
+                    yield name, _decode(handle.read(), repr(name))
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+        raise dataset_error(
+            _DATASET,
+            f"cannot read the archive {str(archive)!r} ({type(error).__name__}: {error}); "
+            "it is truncated or corrupt: download it again",
+            LAYOUT,
+        ) from None
+
+
 def _sources(root: Path) -> tuple[str, Iterator[tuple[str, str]]] | None:
     """The xyz files under ``root`` (or its subfolders, one level) or in an archive there:
     ``(cache key, iterator of (name, text))``, or ``None`` if there are none."""
@@ -209,29 +270,88 @@ def _sources(root: Path) -> tuple[str, Iterator[tuple[str, str]]] | None:
         files = sorted(e.path for e in os.scandir(folder) if e.name.endswith(".xyz"))
         if files:
             key = f"dir:{folder.resolve()}:{len(files)}"
-
-            def read(files: list[str] = files) -> Iterator[tuple[str, str]]:
-                for path in files:
-                    with open(path, encoding="utf-8") as f:
-                        yield path, f.read()
-
-            return key, read()
+            return key, ((path, _read_text(path)) for path in files)
     archives = sorted(p for p in root.iterdir() if p.name.endswith((".tar.bz2", ".tar.gz", ".tar")))
     if archives:
         archive = archives[0]
         stat = archive.stat()
         key = f"tar:{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-
-        def unpack() -> Iterator[tuple[str, str]]:
-            with tarfile.open(archive, "r:*") as tar:
-                for member in tar:
-                    if member.isfile() and member.name.endswith(".xyz"):
-                        handle = tar.extractfile(member)
-                        assert handle is not None
-                        yield f"{archive.name}:{member.name}", handle.read().decode("utf-8")
-
-        return key, unpack()
+        return key, _unpack(archive)
     return None
+
+
+_CACHED = {
+    "index": (np.int64, ()),
+    "numbers": (np.int8, (MAX_ATOMS,)),
+    "positions": (np.float32, (MAX_ATOMS, 3)),
+    "properties": (np.float64, (len(PROPERTIES),)),
+}
+"""The arrays of a cache file: ``{name: (dtype, shape after the molecule axis)}``."""
+
+
+def _cache_problem(arrays: dict[str, np.ndarray]) -> str | None:
+    """What is wrong with the arrays read from a cache file, or ``None``."""
+    count = len(arrays["index"])
+    for name, (dtype, shape) in _CACHED.items():
+        array = arrays[name]
+        if array.dtype != dtype or array.shape != (count, *shape):
+            return f"{name} is {array.dtype} {list(array.shape)}"
+    if count == 0 or len(np.unique(arrays["index"])) != count:
+        return "the gdb indices are empty or repeated"
+    if not (np.isfinite(arrays["positions"]).all() and np.isfinite(arrays["properties"]).all()):
+        return "it holds NaN or infinite values"
+    if not np.isin(arrays["numbers"], [0, *ELEMENTS.values()]).all():
+        return "it holds unknown atomic numbers"
+    return None
+
+
+def load_cache(path: Path) -> Molecules | None:
+    """The molecules of a cache file written by :func:`read_molecules`, or ``None`` if the file
+    is truncated or corrupt (a warning names it; the caller rebuilds it).
+
+    The arrays are read whole, so zip's CRC-32 of each array is checked, and then validated
+    (dtypes, shapes, unique indices, finite values, known elements).
+
+    Raises:
+        DatasetError: if the file exists but cannot be read at all (e.g. no permission).
+    """
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            arrays = {name: saved[name] for name in _CACHED}
+    except (zipfile.BadZipFile, ValueError, EOFError, KeyError) as error:
+        problem: str | None = f"{type(error).__name__}: {error}"
+    except OSError as error:
+        raise dataset_error(
+            _DATASET, f"cannot read the cache {str(path)!r}: {error}", LAYOUT
+        ) from None
+    else:
+        problem = _cache_problem(arrays)
+        if problem is None:
+            return Molecules(**arrays)
+    warnings.warn(
+        f"qm9: the cache {str(path)!r} is truncated or corrupt ({problem}); rebuilding it from "
+        "the source files",
+        stacklevel=3,
+    )
+    return None
+
+
+def write_cache(path: Path, molecules: Molecules) -> None:
+    """Save ``molecules`` to ``path`` atomically: a temporary file in the same folder, flushed
+    to disk, then renamed over ``path`` (so a crash never leaves a partial cache there)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below, before the rename)
+        dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp", delete=False
+    )
+    try:
+        with handle:
+            np.savez(handle, **{name: getattr(molecules, name) for name in _CACHED})
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
 
 
 def read_molecules(root: str | Path, cache_dir: str | None = None) -> Molecules:
@@ -242,10 +362,12 @@ def read_molecules(root: str | Path, cache_dir: str | None = None) -> Molecules:
         cache_dir: if given, the parsed arrays are saved there (``qm9-<key>.npz``, about 20 MB)
             and loaded on later calls with the same source (the key hashes the folder and its
             file count, or the archive's size and time); ``None`` parses every time (about a
-            minute for the whole release on one core).
+            minute for the whole release on one core). A truncated or corrupt cache file is
+            rebuilt from the source, with a warning naming it (:func:`load_cache`).
 
     Raises:
-        DatasetError: if there is no ``.xyz`` file, or one is malformed (naming it).
+        DatasetError: if there is no ``.xyz`` file, or one is malformed, not UTF-8 or holds a
+            NaN or infinite number, or the archive is corrupt (naming the file or member).
     """
     base = resolve_root(_DATASET, root, LAYOUT)
     found = _sources(base)
@@ -257,17 +379,21 @@ def read_molecules(root: str | Path, cache_dir: str | None = None) -> Molecules:
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
         cache = Path(cache_dir).expanduser() / f"qm9-{digest}.npz"
         if cache.is_file():
-            with np.load(cache) as saved:
-                return Molecules(
-                    saved["index"], saved["numbers"], saved["positions"], saved["properties"]
-                )
+            cached = load_cache(cache)
+            if cached is not None:
+                return cached
     indices, numbers, positions, properties = [], [], [], []
     for name, text in texts:
         index, z, pos, props = parse_xyz(text, name)
         padded_z = np.zeros(MAX_ATOMS, dtype=np.int8)
         padded_z[: len(z)] = z
         padded_pos = np.zeros((MAX_ATOMS, 3), dtype=np.float32)
-        padded_pos[: len(z)] = pos
+        with np.errstate(over="ignore"):
+            padded_pos[: len(z)] = pos
+        if not np.isfinite(padded_pos).all():
+            raise dataset_error(
+                _DATASET, f"{name}: molecule gdb {index}: a coordinate exceeds float32", LAYOUT
+            )
         indices.append(index)
         numbers.append(padded_z)
         positions.append(padded_pos)
@@ -283,16 +409,7 @@ def read_molecules(root: str | Path, cache_dir: str | None = None) -> Molecules:
     if len(np.unique(molecules.index)) != len(molecules):
         raise dataset_error(_DATASET, "two .xyz files have the same gdb index", LAYOUT)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        temporary = cache.with_name(cache.stem + ".tmp.npz")
-        np.savez(
-            temporary,
-            index=molecules.index,
-            numbers=molecules.numbers,
-            positions=molecules.positions,
-            properties=molecules.properties,
-        )
-        os.replace(temporary, cache)
+        write_cache(cache, molecules)
     return molecules
 
 
@@ -305,6 +422,21 @@ def read_uncharacterized(path: Path) -> set[int]:
         if len(parts) >= 2 and parts[0].isdigit():
             indices.add(int(parts[0]))
     return indices
+
+
+def _check_float32(targets: np.ndarray, index: np.ndarray) -> None:
+    """Raise a DatasetError naming the molecule and target if a target is not finite in
+    float32 (the dtype of the data set's targets)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        bad = ~np.isfinite(targets.astype(np.float32))
+    if bad.any():
+        row, column = (int(i) for i in np.argwhere(bad)[0])
+        raise dataset_error(
+            _DATASET,
+            f"molecule gdb {int(index[row])}: target {TARGETS[column]} = {targets[row, column]} "
+            "is not a finite float32 number",
+            LAYOUT,
+        )
 
 
 class QM9(Dataset):
@@ -435,6 +567,7 @@ def qm9(
         "train": order[n_test + n_val :][: n_train if n_train is not None else rest],
     }
     targets = molecules.targets(energies)
+    _check_float32(targets, molecules.index)
     train_targets = targets[parts["train"]]
     mean = train_targets.mean(axis=0)
     std = train_targets.std(axis=0) if len(train_targets) > 1 else np.ones(len(TARGETS))

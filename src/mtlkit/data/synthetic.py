@@ -148,7 +148,8 @@ def mmoe_synthetic(
         structure_seed: seed of the directions and the sine parameters.
 
     Raises:
-        ConfigError: on a value out of range, naming it.
+        ConfigError: on a value out of range, naming it, or if ``scale`` and ``noise`` give
+            targets beyond float32 (the dtype of the data set).
     """
     for name, value, low in (
         ("n_train", n_train, 1),
@@ -187,6 +188,14 @@ def mmoe_synthetic(
         x = torch.randn(sizes[split], input_dim, generator=gen, dtype=torch.float64)
         eps = torch.randn(sizes[split], num_tasks, generator=gen, dtype=torch.float64)
         y = structure.targets(x) + float(noise) * eps
+        bad = ~torch.isfinite(y.to(torch.float32))  # the data set holds float32 targets
+        if bad.any():
+            row, task = (int(i) for i in bad.nonzero()[0])
+            raise ConfigError(
+                f"mmoe_synthetic: scale={scale!r} and noise={noise!r} give a target beyond "
+                f"float32 ({split} sample {row}, task {task + 1}: {float(y[row, task])}); "
+                "use a smaller scale or noise"
+            )
         result[split] = MMoESynthetic(x, y, structure, split=split)
     return result
 
