@@ -77,6 +77,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name, value in dataclasses.asdict(self).items():
             setattr(self, name, _check_type(name, value, _hints()[name]))
+        for name, value in dataclasses.asdict(self).items():
+            low, high = INT_RANGES.get(name, (None, INT64_MAX))
+            if isinstance(value, int) and not isinstance(value, bool) and value > high:
+                shown = "2**63 - 1" if high == INT64_MAX else f"{high}"
+                valid = f"an integer in [{low}, {shown}]" if low is not None else f"at most {shown}"
+                raise ConfigError(f"{name} must be {valid}, got {value}")
         positive = {"lr": self.lr, "batch_size": self.batch_size}
         positive.update({k: getattr(self, k) for k in BUDGET_KEYS})
         for key, value in positive.items():
@@ -131,6 +137,15 @@ class TrainConfig:
 
 
 _FLOAT32_MAX = 3.4028234663852886e38
+
+INT64_MAX = 2**63 - 1
+"""The largest value of an integer key (counts and budgets are stored as int64)."""
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "batch_size": (1, 2**31 - 1),  # a batch is indexed with int32 (and one batch of the whole
+    # training split is what any larger value gives)
+    "workers": (0, 1024),  # DataLoader worker processes, each a copy of the main one
+}
+"""Integer keys with a tighter range than ``[.., INT64_MAX]``: ``{key: (low, high)}``."""
 
 SCHEDULER_ARGS = {"step": {"step_size": int, "gamma": float}}
 """The ``scheduler_args`` each scheduler takes (``scheduler=step``: ``StepLR(step_size, gamma)``,
@@ -213,10 +228,92 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     return value
 
 
+MAX_YAML_DEPTH = 64
+"""The deepest nesting of lists and mappings a config may have (real configs have 3 or 4)."""
+MAX_YAML_NODES = 100_000
+"""The most values a config may hold with its aliases expanded (a config has a few hundred); a
+"billion laughs" document of nested aliases is refused here instead of expanding forever."""
+MAX_CONFIG_BYTES = 2**20
+"""The largest config file read (1 MiB)."""
+
+
+class YAMLLimitError(yaml.YAMLError):
+    """A YAML document is nested too deeply, expands to too many values through its aliases,
+    or holds a recursive alias."""
+
+
 class SafeLoader(yaml.SafeLoader):
     """PyYAML's safe loader (plain data only: no Python objects are ever built), which also
     reads an exponent without a dot (``1e-3``, ``5E4``) as a float, as YAML 1.2 does (YAML 1.1
-    reads it as a string, so ``lr=1e-3`` was refused)."""
+    reads it as a string, so ``lr=1e-3`` was refused).
+
+    It bounds the document while composing it, before anything is built: nesting at most
+    :data:`MAX_YAML_DEPTH` deep (PyYAML recurses per level, so a 3000-deep list was a
+    ``RecursionError``), at most :data:`MAX_YAML_NODES` values once aliases are expanded (an
+    alias is the anchored node again, so nested aliases grow exponentially), and no alias of a
+    node inside itself (a recursive list). Each limit is a :class:`YAMLLimitError`.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded values, height)
+
+    def compose_document(self) -> Any:
+        self._sizes = {}
+        try:
+            return super().compose_document()
+        finally:
+            self._sizes = {}
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        mark = self.peek_event().start_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise YAMLLimitError(
+                    f"nesting deeper than {MAX_YAML_DEPTH} levels (the limit; {where})"
+                )
+            if self.check_event(yaml.AliasEvent):
+                anchored = self.anchors.get(self.peek_event().anchor)
+                if anchored is not None and id(anchored) not in self._sizes:  # still composing
+                    raise YAMLLimitError(f"an alias of a node inside itself ({where})")
+            node = super().compose_node(parent, index)
+            size, height = self._measure(node)
+            if size > MAX_YAML_NODES:
+                raise YAMLLimitError(
+                    f"more than {MAX_YAML_NODES} values with the aliases expanded (the limit; "
+                    f"{where})"
+                )
+            if self._depth - 1 + height > MAX_YAML_DEPTH:
+                raise YAMLLimitError(
+                    f"nesting deeper than {MAX_YAML_DEPTH} levels with the aliases expanded "
+                    f"(the limit; {where})"
+                )
+            return node
+        finally:
+            self._depth -= 1
+
+    def _measure(self, node: Any) -> tuple[int, int]:
+        """``(values, height)`` of ``node`` with its aliases expanded (its children are
+        measured already: they were composed first)."""
+        known = self._sizes.get(id(node))
+        if known is not None:  # an alias: the anchored node, measured when it was composed
+            return known
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        else:
+            children = []
+        size, height = 1, 1
+        for child in children:
+            child_size, child_height = self._sizes[id(child)]
+            size += child_size
+            height = max(height, 1 + child_height)
+        self._sizes[id(node)] = (size, height)
+        return size, height
 
 
 SafeLoader.add_implicit_resolver(
@@ -235,6 +332,9 @@ def parse_value(text: str) -> Any:
     """A command-line value: YAML scalar or flow collection (``0.3``, ``true``, ``[1, 2]``)."""
     try:
         return safe_load(text) if text != "" else ""
+    except YAMLLimitError as error:
+        shown = text if len(text) <= 60 else f"{text[:60]}..."
+        raise ConfigError(f"value {shown!r} is refused: {error}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"cannot parse value {text!r}: {error}") from error
 
@@ -272,7 +372,15 @@ def read_config_file(path: str | Path | None) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"config file {str(path)!r} is {size} bytes, more than the limit of "
+                f"{MAX_CONFIG_BYTES} (1 MiB)"
+            )
         loaded = safe_load(path.read_text(encoding="utf-8"))
+    except YAMLLimitError as error:
+        raise ConfigError(f"config file {str(path)!r} is refused: {error}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
     except (OSError, UnicodeDecodeError) as error:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torch.utils.data import Dataset
 
@@ -12,7 +14,7 @@ from mtlkit.data.attributes import attributes, attributes_tasks
 from mtlkit.data.multi_input import two_domain_digits, two_domain_tasks
 from mtlkit.data.multidigits import MultiDigitsConfig as _MD
 from mtlkit.data.multidigits import multidigits, multidigits_tasks
-from mtlkit.registry import Registry
+from mtlkit.registry import Registry, normalize_name
 from mtlkit.tasks import Task
 
 
@@ -350,3 +352,71 @@ def mmoe_synthetic_problem(
         input_shape=(input_dim,),
         task_outputs={t.name: 1 for t in tasks},
     )
+
+
+# --- Memory estimates of the generated data sets, before they are generated ----------------------
+# Upper estimates of the peak memory (bytes) of building each generated data set, from its
+# arguments: the samples of every split times the bytes each sample takes while it is generated
+# (float64 working copies included; the measured peaks are 55-95% of these), plus fixed parts. The
+# data sets read from files have none: their memory is bounded by their files (or, for the lazy
+# image loaders, by one batch).
+
+
+def _multidigits_bytes(a: Mapping[str, int]) -> int:
+    pixels = 8 * (8 + a["shift"])  # the canvas; four float32 copies of it while composed
+    return (a["n_train"] + a["n_val"] + a["n_test"]) * (20 * pixels + 64)
+
+
+def _attributes_bytes(a: Mapping[str, int]) -> int:
+    from mtlkit.data.attributes import _REFERENCE_SIZE, _RENDER_HIDDEN
+
+    # the reference sample of the structure is generated like the samples of a split
+    samples = a["n_train"] + a["n_val"] + a["n_test"] + _REFERENCE_SIZE
+    floats = a["input_dim"] + a["num_attributes"] + 4 * a["num_latents"] + _RENDER_HIDDEN
+    return samples * 20 * floats
+
+
+def _mmoe_synthetic_bytes(a: Mapping[str, int]) -> int:
+    samples = a["n_train"] + a["n_val"] + a["n_test"]
+    per_sample = 16 * a["input_dim"] + 16 * a["num_tasks"] * (a["num_sines"] + 2)
+    return samples * per_sample + 16 * a["num_tasks"] * a["input_dim"]
+
+
+_ESTIMATES: dict[str, tuple[tuple[str, ...], Callable[[Mapping[str, int]], int]]] = {
+    "multidigits": (("n_train", "n_val", "n_test", "shift"), _multidigits_bytes),
+    "attributes": (
+        ("n_train", "n_val", "n_test", "input_dim", "num_attributes", "num_latents"),
+        _attributes_bytes,
+    ),
+    "mmoe_synthetic": (
+        ("n_train", "n_val", "n_test", "input_dim", "num_tasks", "num_sines"),
+        _mmoe_synthetic_bytes,
+    ),
+}
+
+
+def estimated_bytes(name: str, **args: Any) -> int | None:
+    """An upper estimate of the memory (bytes) that building the data set ``name`` with the
+    keyword arguments ``args`` takes, computed without building it.
+
+    ``None`` for a data set read from files (its memory is bounded by the files), and when an
+    argument the estimate needs is not a non-negative integer (the loader's own check then
+    reports it).
+
+    Raises:
+        UnknownNameError: if ``name`` is not a registered data set.
+    """
+    factory = DATASETS.factory(name)
+    entry = _ESTIMATES.get(normalize_name(name))
+    if entry is None:
+        return None
+    keys, estimate = entry
+    defaults = {
+        p.name: p.default
+        for p in inspect.signature(factory).parameters.values()
+        if p.default is not inspect.Parameter.empty
+    }
+    values = {key: args.get(key, defaults.get(key)) for key in keys}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values.values()):
+        return None
+    return estimate(values)
