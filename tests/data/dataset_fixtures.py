@@ -8,7 +8,9 @@ with the written ones.
 from __future__ import annotations
 
 import gzip
+import io
 import struct
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -301,3 +303,39 @@ def write_qm9(
         )
         out[index] = (elements, positions, properties)
     return out
+
+
+def write_qm9_archive(archive: Path, xyz_dir: Path) -> Path:
+    """The ``.xyz`` files of ``xyz_dir`` packed as the release ships them, a ``.tar.bz2``
+    (``archive``, e.g. ``<root>/dsgdb9nsd.xyz.tar.bz2``); returns ``archive``."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:bz2") as tar:
+        for path in sorted(xyz_dir.glob("*.xyz")):
+            tar.add(path, arcname=path.name)
+    return archive
+
+
+def add_tar_member(archive: Path, name: str, data: bytes) -> None:
+    """Rewrite the ``.tar.bz2`` ``archive`` with one more member ``name`` holding ``data``."""
+    with tarfile.open(archive, "r:bz2") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+    with tarfile.open(archive, "w:bz2") as tar:
+        for member, content in [*members, (tarfile.TarInfo(name), data)]:
+            member.size = len(content)
+            tar.addfile(member, io.BytesIO(content))
+
+
+# --- Damaged files -------------------------------------------------------------------------------
+
+
+def truncate_file(path: Path, fraction: float = 0.5) -> None:
+    """Cut ``path`` to the first ``fraction`` of its bytes (an interrupted write or download)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Invert the bits of the byte at ``offset`` of ``path`` (negative: from the end)."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))

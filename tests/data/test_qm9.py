@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import tarfile
-
 import numpy as np
 import pytest
 import torch
-from dataset_fixtures import METHANE, write_qm9
+from dataset_fixtures import METHANE, write_qm9, write_qm9_archive
 
 from mtlkit.architectures import build
 from mtlkit.data import qm9 as qm9_module
@@ -108,10 +106,7 @@ def test_split_normalisation_loss_and_metric(qm9_root):
 def test_archive_cache_and_uncharacterized(qm9_root, tmp_path, monkeypatch):
     root, _ = qm9_root
     archive_dir = tmp_path / "archive"
-    archive_dir.mkdir()
-    with tarfile.open(archive_dir / "dsgdb9nsd.xyz.tar.bz2", "w:bz2") as tar:
-        for path in sorted(root.glob("*.xyz")):
-            tar.add(path, arcname=path.name)
+    write_qm9_archive(archive_dir / "dsgdb9nsd.xyz.tar.bz2", root)
     direct, packed = read_molecules(root), read_molecules(archive_dir, str(tmp_path / "cache"))
     assert np.array_equal(direct.numbers, packed.numbers)
     assert np.array_equal(direct.properties, packed.properties)
