@@ -77,12 +77,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name, value in dataclasses.asdict(self).items():
             setattr(self, name, _check_type(name, value, _hints()[name]))
-        for name, value in dataclasses.asdict(self).items():
-            low, high = INT_RANGES.get(name, (None, INT64_MAX))
-            if isinstance(value, int) and not isinstance(value, bool) and value > high:
-                shown = "2**63 - 1" if high == INT64_MAX else f"{high}"
-                valid = f"an integer in [{low}, {shown}]" if low is not None else f"at most {shown}"
-                raise ConfigError(f"{name} must be {valid}, got {value}")
         positive = {"lr": self.lr, "batch_size": self.batch_size}
         positive.update({k: getattr(self, k) for k in BUDGET_KEYS})
         for key, value in positive.items():
@@ -128,6 +122,12 @@ class TrainConfig:
             if repeated:
                 raise ConfigError(f"tasks lists {', '.join(map(repr, repeated))} more than once")
         _check_scheduler_args(self.scheduler, self.scheduler_args)
+        for name, value in dataclasses.asdict(self).items():  # after the keys' own checks
+            low, high = INT_RANGES.get(name, (None, INT64_MAX))
+            if isinstance(value, int) and not isinstance(value, bool) and value > high:
+                shown = "2**63 - 1" if high == INT64_MAX else f"{high}"
+                valid = f"an integer in [{low}, {shown}]" if low is not None else f"at most {shown}"
+                raise ConfigError(f"{name} must be {valid}, got {value}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
