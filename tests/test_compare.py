@@ -18,6 +18,7 @@ from conftest import one_line_error, summary
 from scipy.stats import t as student
 
 import mtlkit.app.compare as compare
+import mtlkit.app.compare.workers as workers  # where a job calls run and run_stl
 from mtlkit.app.cli import main
 from mtlkit.app.config import TrainConfig
 from mtlkit.errors import ConfigError, MtlkitError, NonFiniteError
@@ -70,10 +71,10 @@ def grid_out(tmp_path_factory):
     """A finished 2 methods x 2 seeds x 2 budgets grid (in this process), with the names of the
     runs and baselines trained."""
     out = tmp_path_factory.mktemp("grid") / "out"
-    runs, stls = Counter(compare.run), Counter(compare.run_stl)
+    runs, stls = Counter(workers.run), Counter(workers.run_stl)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(compare, "run", runs)
-        patch.setattr(compare, "run_stl", stls)
+        patch.setattr(workers, "run", runs)
+        patch.setattr(workers, "run_stl", stls)
         assert compare_main(out, *GRID) == 0
     return out, runs.calls, stls.calls
 
@@ -189,9 +190,9 @@ def test_a_second_invocation_skips_every_finished_run(grid_out, tmp_path, monkey
     shutil.copytree(grid_out[0], out)
     before = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
     table = (out / "results.csv").read_text()
-    runs, stls = Counter(compare.run), Counter(compare.run_stl)
-    monkeypatch.setattr(compare, "run", runs)
-    monkeypatch.setattr(compare, "run_stl", stls)
+    runs, stls = Counter(workers.run), Counter(workers.run_stl)
+    monkeypatch.setattr(workers, "run", runs)
+    monkeypatch.setattr(workers, "run_stl", stls)
     capsys.readouterr()
     assert compare_main(out, *GRID) == 0
     assert runs.calls == [] and stls.calls == []
@@ -211,8 +212,8 @@ def test_a_finished_run_of_another_config_stops_the_grid_before_training(
 ):
     out = tmp_path / "out"
     shutil.copytree(grid_out[0], out)
-    runs = Counter(compare.run)
-    monkeypatch.setattr(compare, "run", runs)
+    runs = Counter(workers.run)
+    monkeypatch.setattr(workers, "run", runs)
     assert compare_main(out, *GRID, "lr=0.01") == 2
     err = one_line_error(capsys)
     assert "was trained with another config (lr: 0.001 -> 0.01)" in err
@@ -261,8 +262,8 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(grid_out, tmp_path, monk
 
 def test_stl_once_trains_one_baseline_for_every_seed(grid_out, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    stls = Counter(compare.run_stl)
-    monkeypatch.setattr(compare, "run_stl", stls)
+    stls = Counter(workers.run_stl)
+    monkeypatch.setattr(workers, "run_stl", stls)
     assert compare_main(out, "methods=[ew]", "seeds=[0,1]", "stl=once") == 0
     assert stls.calls == ["seed0"]
     base = json.loads((out / "stl" / "seed0" / "stl_baseline.json").read_text())
@@ -282,14 +283,14 @@ def test_stl_once_trains_one_baseline_for_every_seed(grid_out, tmp_path, monkeyp
 
 def test_a_failed_run_is_reported_and_the_grid_goes_on(tmp_path, monkeypatch, capsys):
     baseline_free = ["methods=[ew,mgda]", "seeds=[0]", "stl=once"]
-    real_run = compare.run
+    real_run = workers.run
 
     def failing(config, out_dir, **kwargs):
         if config.method == "mgda":
             raise NonFiniteError("task losses are not finite: [nan, 1.0]")
         return real_run(config, out_dir, **kwargs)
 
-    monkeypatch.setattr(compare, "run", failing)
+    monkeypatch.setattr(workers, "run", failing)
     assert compare_main(tmp_path, *baseline_free) == 1
     captured = capsys.readouterr()
     assert "mgda-joint-seed0: FAILED" in captured.out

@@ -249,7 +249,9 @@ def _finite(values: Sequence[float]) -> list[float]:
     return [v for v in values if math.isfinite(v)]
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def _finite_mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """The mean and the sample standard deviation of the finite ``values`` (NaN, NaN for none;
+    std 0 for one), as numbers for error bars."""
     kept = _finite(values)
     if not kept:
         return math.nan, math.nan
@@ -297,7 +299,7 @@ def plot_delta_m(
                     r["delta_m"]
                     for r in _select(rows, budget=budget, method=method, strategy=strategy)
                 ]
-                mean, std = _mean_std(values)
+                mean, std = _finite_mean_std(values)
                 if math.isnan(mean):
                     continue
                 x = i + (j - (len(strategies) - 1) / 2) * width
@@ -416,8 +418,8 @@ def plot_quality_vs_cost(
             points = []
             for b, (budget, _) in enumerate(budgets):
                 group = _select(rows, budget=budget, method=method, strategy=strategy)
-                x, _ = _mean_std([r[column] for r in group])
-                y, dy = _mean_std([r["delta_m"] for r in group])
+                x, _ = _finite_mean_std([r[column] for r in group])
+                y, dy = _finite_mean_std([r["delta_m"] for r in group])
                 if math.isfinite(x) and math.isfinite(y):
                     points.append((x, y, dy, b))
             if not points:
