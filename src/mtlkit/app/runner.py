@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mtlkit.app.config import TrainConfig
+from mtlkit.app.limits import check_model_size, check_sizes
 from mtlkit.app.plots import plot_run
 from mtlkit.app.validation import check_config, check_problem
 from mtlkit.architectures import build
@@ -66,6 +67,7 @@ def resolve_out_dir(config: TrainConfig, label: str | None = None) -> Path:
 def load_problem(config: TrainConfig, out_dir: Path | None) -> Problem:
     """The data set of ``config`` (a drawn split is written to ``out_dir/splits``), restricted
     to ``config.tasks`` if given."""
+    check_sizes(config)  # memory of generated data, expert counts: before allocating
     data_args = dict(config.data_args)
     arguments = DATASETS.arguments(config.data)
     missing = [a.name for a in arguments if a.required and a.name not in data_args]
@@ -127,6 +129,7 @@ def run(
     if problem is None:
         problem = load_problem(config, out_dir)
     check_problem(config, [t.name for t in problem.tasks])
+    check_model_size(config, problem)  # built on the meta device: nothing is allocated
     method_args = seeded(METHODS, config.method, config.method_args, config)
     method = METHODS.get(config.method, **method_args)
     strategy = STRATEGIES.get(config.strategy, method=method, **config.strategy_args)
