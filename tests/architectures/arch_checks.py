@@ -36,6 +36,7 @@ CONFIGS: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {
     "ltb-resnet": (IMAGE, {"backbone": "resnet", "widths": [2, 3], "hard": False}),
     "max_roaming": (VECTOR, {"widths": [6, 5], "p": 0.6}),
     "max_roaming-cnn": (IMAGE, {"backbone": "cnn", "widths": [3, 4], "p": 0.7}),
+    "multi_lenet": ((1, 16, 16), {"widths": [2, 3, 4], "head_width": 3, "dropout": 0.0}),
 }
 
 

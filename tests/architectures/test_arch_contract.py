@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import mtlkit
 from mtlkit import Alternating, Budget, Joint, Task, Trainer
-from mtlkit.architectures import ARCHITECTURES, build
+from mtlkit.architectures import ARCHITECTURES, BACKBONES, build
 from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.methods import EW, MGDA
 from mtlkit.metrics import MeanSquaredError
@@ -65,7 +65,7 @@ def test_multi_input_gives_the_task_output_of_the_same_network(key):
 def test_shared_representation_only_where_one_tensor_feeds_every_head(key):
     model = make(key)
     x, _ = batch(key, n=3)
-    if key.startswith("hps"):
+    if key.startswith(("hps", "multi_lenet")):  # one encoder output feeds every head
         assert model.has_shared_representation
         _, z = model(x, return_features=True)
         assert z.shape[0] == 3
@@ -177,7 +177,9 @@ def test_bad_arguments_are_config_errors(name, args, message):
 
 
 def test_unknown_backbone_names_the_valid_ones():
-    with pytest.raises(MtlkitError, match="valid backbones: cnn, mlp, resnet, segnet"):
+    valid = BACKBONES.available()
+    assert {"cnn", "lenet", "mlp", "resnet", "segnet"} <= set(valid)
+    with pytest.raises(MtlkitError, match=f"valid backbones: {', '.join(valid)}$"):
         build("mtan", (6,), TASKS, backbone="vgg")
 
 

@@ -51,6 +51,7 @@ from mtlkit.architectures.backbones import (
 from mtlkit.architectures.base import ARCHITECTURES, MultiTaskArchitecture, make_heads
 from mtlkit.architectures.cross_stitch import CrossStitch
 from mtlkit.architectures.hps import HPS
+from mtlkit.architectures.lenet import multi_lenet
 from mtlkit.architectures.ltb import LearningToBranch
 from mtlkit.architectures.max_roaming import MaximumRoaming
 from mtlkit.architectures.moe import DSelectK, MMoE
@@ -108,4 +109,5 @@ __all__ = [
     "build_encoder",
     "encoder_output_features",
     "hps",
+    "multi_lenet",
 ]

@@ -201,7 +201,9 @@ def resize_map(x: Tensor, size: Sequence[int]) -> Tensor:
 BACKBONES: Registry[list[nn.Module]] = Registry("backbone")
 
 
-def _image_shape(name: str, input_shape: Sequence[int]) -> tuple[int, int, int]:
+def image_shape(name: str, input_shape: Sequence[int]) -> tuple[int, int, int]:
+    """``(C, H, W)`` of an image input shape; a ``ValueError`` naming backbone ``name``
+    otherwise."""
     if len(input_shape) != 3:
         raise ValueError(
             f"backbone {name!r} needs a [C, H, W] input shape, got {tuple(input_shape)}"
@@ -210,7 +212,9 @@ def _image_shape(name: str, input_shape: Sequence[int]) -> tuple[int, int, int]:
     return c, h, w
 
 
-def _check_widths(name: str, widths: Sequence[int]) -> list[int]:
+def check_widths(name: str, widths: Sequence[int]) -> list[int]:
+    """``widths`` as a list of positive ints; a ``ValueError`` naming backbone ``name``
+    otherwise."""
     widths = [int(w) for w in widths]
     if not widths or any(w < 1 for w in widths):
         raise ValueError(f"backbone {name!r} needs positive widths, got {widths}")
@@ -220,7 +224,7 @@ def _check_widths(name: str, widths: Sequence[int]) -> list[int]:
 @BACKBONES.register("mlp")
 def mlp_stages(input_shape: Sequence[int], widths: Sequence[int] = (256, 128)) -> list[nn.Module]:
     """``Flatten`` then one ``Linear -> ReLU`` stage per width."""
-    widths = _check_widths("mlp", widths)
+    widths = check_widths("mlp", widths)
     stages: list[nn.Module] = []
     width = math.prod(input_shape)
     for i, out in enumerate(widths):
@@ -234,8 +238,8 @@ def mlp_stages(input_shape: Sequence[int], widths: Sequence[int] = (256, 128)) -
 def cnn_stages(input_shape: Sequence[int], widths: Sequence[int] = (32, 64)) -> list[nn.Module]:
     """One ``Conv3x3 -> ReLU (-> MaxPool2 while the map is wider than 2)`` stage per channel
     count; global average pooling closes the last stage."""
-    widths = _check_widths("cnn", widths)
-    c, h, w = _image_shape("cnn", input_shape)
+    widths = check_widths("cnn", widths)
+    c, h, w = image_shape("cnn", input_shape)
     stages: list[nn.Module] = []
     for i, out in enumerate(widths):
         layers: list[nn.Module] = [nn.Conv2d(c, out, 3, padding=1), nn.ReLU()]
@@ -279,8 +283,8 @@ def resnet_stages(
 ) -> list[nn.Module]:
     """Stages of two basic blocks each; a ``Conv3x3-BN-ReLU`` stem opens the first stage, later
     stages start with a stride-2 block while the map is wider than 2 pixels."""
-    widths = _check_widths("resnet", widths)
-    c, h, w = _image_shape("resnet", input_shape)
+    widths = check_widths("resnet", widths)
+    c, h, w = image_shape("resnet", input_shape)
     stages: list[nn.Module] = []
     for i, out in enumerate(widths):
         layers: list[nn.Module] = []
@@ -308,8 +312,8 @@ def segnet_stages(input_shape: Sequence[int], widths: Sequence[int] = (16, 32)) 
     """Encoder stages ``(Conv3x3-BN-ReLU) x 2 -> MaxPool2``, then mirrored decoder stages
     ``Upsample x2 -> (Conv3x3-BN-ReLU) x 2`` back to the input resolution (``widths[0]``
     channels). ``H`` and ``W`` must be divisible by ``2 ** len(widths)``."""
-    widths = _check_widths("segnet", widths)
-    c, h, w = _image_shape("segnet", input_shape)
+    widths = check_widths("segnet", widths)
+    c, h, w = image_shape("segnet", input_shape)
     factor = 2 ** len(widths)
     if h % factor or w % factor:
         raise ValueError(
