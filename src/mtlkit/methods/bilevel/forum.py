@@ -589,7 +589,7 @@ class MOML(BilevelWeighting):
         return _softmax_upper(self)
 
     def prepare(self, probe: StepProbe) -> None:
-        from mtlkit.engine.autograd import jacobian  # the engine imports the methods package
+        from mtlkit.engine.jacobian import jacobian
 
         aux = self._aux_batch(probe)
         params = probe.parameters
@@ -763,7 +763,7 @@ class FORUM(BilevelWeighting):
         return _softmax_upper(self)
 
     def prepare(self, probe: StepProbe) -> None:
-        from mtlkit.engine.autograd import jacobian  # the engine imports the methods package
+        from mtlkit.engine.jacobian import jacobian
 
         aux = self._aux_batch(probe)
         params = probe.parameters
