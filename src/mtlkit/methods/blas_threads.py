@@ -14,6 +14,7 @@ own NumPy keeps its thread count outside of them.
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,13 +25,18 @@ from threadpoolctl import ThreadpoolController
 F = TypeVar("F", bound=Callable[..., Any])
 
 _state = threading.local()
-_blas: Any = None  # the BLAS libraries loaded when first needed (NumPy's, SciPy's)
+_blas: Any = None  # the BLAS libraries loaded when last looked for (NumPy's, SciPy's, ...)
+_modules_seen = -1  # len(sys.modules) then: an import since may have loaded another BLAS
 
 
 @contextmanager
 def one_blas_thread() -> Iterator[None]:
-    """Limit the loaded BLAS libraries to one thread inside the block (nesting is free)."""
-    global _blas
+    """Limit the loaded BLAS libraries to one thread inside the block (nesting is free).
+
+    The libraries are looked for again after any new import (about 0.5 ms; a module count
+    check otherwise), so that a BLAS loaded after the first call (SciPy's, a solver's) is
+    limited too."""
+    global _blas, _modules_seen
     depth = getattr(_state, "depth", 0)
     if depth:
         _state.depth = depth + 1
@@ -39,7 +45,8 @@ def one_blas_thread() -> Iterator[None]:
         finally:
             _state.depth = depth
         return
-    if _blas is None:
+    if _blas is None or len(sys.modules) != _modules_seen:
+        _modules_seen = len(sys.modules)
         _blas = ThreadpoolController().select(user_api="blas")
     with _blas.limit(limits=1):
         _state.depth = 1
