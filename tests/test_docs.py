@@ -42,6 +42,11 @@ def doc_pages() -> list[Path]:
     return sorted(p for p in DOCS.rglob("*.md") if "hooks" not in p.relative_to(DOCS).parts)
 
 
+def example_pages() -> list[Path]:
+    """The pages with at least one example to run (the API pages have none)."""
+    return [p for p in doc_pages() if python_blocks(p.read_text())]
+
+
 def run_blocks(path: Path, blocks: list[tuple[int, str]], namespace: dict) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -63,18 +68,25 @@ def test_the_block_finder_reads_fences_and_skip_markers():
 
 
 def test_every_page_with_examples_is_tested_and_there_are_many():
-    counted = {p.name: len(python_blocks(p.read_text())) for p in doc_pages()}
+    counted = {p.name: len(python_blocks(p.read_text())) for p in example_pages()}
     assert sum(counted.values()) >= 15, counted
     assert counted.get("index.md", 0) >= 3
+    assert {"methods.md", "training.md", "cli.md"} <= set(counted), counted
 
 
-@pytest.mark.parametrize("page", doc_pages(), ids=lambda p: str(p.relative_to(DOCS)))
+def test_every_python_fence_is_run_or_marked_skip():
+    """A fence the block finder cannot read (``py``, a closing fence indented differently) would
+    otherwise never run: every opening ``python``/``py`` fence must be one it finds."""
+    for page in [*doc_pages(), ROOT / "README.md"]:
+        text = page.read_text()
+        opened = len(re.findall(r"^[ \t]*```py(?:thon)?\b", text, re.M))
+        assert len(FENCE.findall(text)) == opened, page
+
+
+@pytest.mark.parametrize("page", example_pages(), ids=lambda p: str(p.relative_to(DOCS)))
 def test_doc_examples_run(page, tmp_path, monkeypatch):
-    blocks = python_blocks(page.read_text())
-    if not blocks:
-        return
     monkeypatch.chdir(tmp_path)
-    run_blocks(page, blocks, {"__name__": f"docs_{page.stem}"})
+    run_blocks(page, python_blocks(page.read_text()), {"__name__": f"docs_{page.stem}"})
 
 
 # The README's loop examples use names a real script defines (loader, encoder, ...): a small
