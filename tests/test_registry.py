@@ -8,12 +8,35 @@ import torch
 from mtlkit import methods
 from mtlkit.errors import ConfigError, UnknownNameError
 from mtlkit.methods import EW, UW
+from mtlkit.registry import Registry
 
 
-def test_available_lists_the_foundation_methods_sorted():
-    names = methods.available()
-    assert names == sorted(names)
-    assert {"ew", "uw", "mgda", "pcgrad"} <= set(names)
+def test_a_registry_sorts_normalises_and_refuses_bad_names():
+    registry: Registry[object] = Registry("thing")
+    for name in ("zeta", "alpha_beta", "mid"):
+        registry.register(name)(object)
+    assert registry.available() == ["alpha_beta", "mid", "zeta"]  # registered out of order
+    assert list(registry) == ["alpha_beta", "mid", "zeta"]
+    assert "Alpha-Beta" in registry and "alpha" not in registry
+    assert registry.factory(" Alpha-Beta ") is object
+    with pytest.raises(ValueError, match="snake_case, got 'Alpha-Beta'"):
+        registry.register("Alpha-Beta")
+    with pytest.raises(ValueError, match="thing 'mid' is already registered"):
+        registry.register("mid")(object)
+    with pytest.raises(UnknownNameError, match="alpha"):
+        registry.factory("alpha")
+
+
+def test_every_method_family_is_registered_on_import():
+    names = set(methods.available())
+    assert len(names) >= 44, sorted(names)
+    # one name from each module of mtlkit.methods (a module not imported loses its methods)
+    assert {
+        "ew", "uw", "mgda", "pcgrad", "upgrad", "cagrad", "nash_mtl", "imtl_g", "aligned_mtl",
+        "config", "gradvac", "graddrop", "db_mtl", "excess_mtl", "gradnorm", "ngdiff", "modo",
+        "pcd", "cr_mogm", "rlw", "trimmed_mean", "dwa", "famo", "stch", "mean",
+        "auto_lambda", "moml", "forum",
+    } <= names  # fmt: skip
 
 
 def test_get_accepts_hyphens_and_checks_arguments():
