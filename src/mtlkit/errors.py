@@ -40,3 +40,9 @@ class DatasetError(MtlkitError):
     not a ``ValueError``, so the dataset registry passes it on unchanged, and it takes a single
     message argument, so that a ``DataLoader`` worker re-raises it with its type.
     """
+
+
+class EnvironmentFailure(MtlkitError):
+    """A run failed because of its environment, not its input: a full disk, a file that could not
+    be written, a lost DDP peer. The run's last checkpoint is intact; the CLI prints one line with
+    what failed and the resume command, and exits with code 3 (user errors exit with 2)."""

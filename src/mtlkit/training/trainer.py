@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import math
 import resource
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,9 @@ from mtlkit.training.checkpoint import (
     CHECKPOINT_NAME,
     MODEL_NAME,
     LoaderPosition,
+    check_trainer_state,
     load_checkpoint,
+    one_line,
     remove_partial_files,
     save_checkpoint,
 )
@@ -54,6 +57,7 @@ from mtlkit.training.logs import CsvLog, require_tensorboard, with_tensorboard, 
 from mtlkit.training.nonfinite import check_policy
 from mtlkit.training.optim import OptimizerFactory
 from mtlkit.training.optim import optimizer as default_optimizer
+from mtlkit.training.run_dir import config_hash, read_marker
 from mtlkit.training.strategies import ForwardResult, Joint, Strategy, StrategyContext
 
 
@@ -480,44 +484,102 @@ class Trainer:
                 "rng": torch.get_rng_state(),
                 "log_rows": {name: log.rows for name, log in (logs or {}).items()},
                 "precision": self.parallel.state_dict(),
+                "run": self.run_binding(),
             },
         )
         return path
 
+    def run_binding(self) -> dict[str, Any]:
+        """What binds a checkpoint to its run (its ``run`` entry): the config (as JSON values),
+        its hash, the run folder's id (its marker, :mod:`mtlkit.training.run_dir`; ``None``
+        without one), the model, strategy and method classes, the tasks and the seed."""
+        config = json.loads(json.dumps(self.config, default=str))  # plain values: weights_only
+        marker = read_marker(self._run_dir) if self._run_dir is not None else None
+        return {
+            "config": config,
+            "config_hash": config_hash(config),
+            "run_id": None if marker is None else marker.run_id,
+            "model": type(self.model).__name__,
+            "strategy": type(self.strategy).__name__,
+            "methods": [type(m).__name__ for m in self.strategy.methods()],
+            "tasks": list(self.task_names),
+            "seed": self.seed,
+        }
+
+    def _check_binding(self, saved: Mapping[str, Any], path: Path) -> None:
+        """Refuse a checkpoint of another run (a stale one, or one copied from another folder),
+        naming what differs. The run ids are compared when both the checkpoint and the folder
+        have one."""
+        mine = self.run_binding()
+        if None not in (saved["run_id"], mine["run_id"]) and saved["run_id"] != mine["run_id"]:
+            raise MtlkitError(
+                f"checkpoint {str(path)!r} belongs to another run (run id {saved['run_id']}; "
+                f"this run folder is run {mine['run_id']}): a stale checkpoint of an earlier "
+                "run, or one copied from another folder; it is not resumed"
+            )
+        keys = ("model", "strategy", "methods", "tasks", "seed")
+        changed = [k for k in keys if saved[k] != mine[k]]
+        if changed:
+            details = "; ".join(f"{k}: {saved[k]!r} -> {mine[k]!r}" for k in changed)
+            raise MtlkitError(
+                f"checkpoint {str(path)!r} was written by another run ({details}); it is not "
+                "resumed"
+            )
+
     def _restore(self, path: Path) -> tuple[LoaderPosition, dict[str, int]]:
+        """Load the checkpoint ``path`` into this Trainer: its schema and its run are checked
+        first (:func:`~mtlkit.training.checkpoint.check_trainer_state`, :meth:`run_binding`),
+        then each entry is restored; an entry that does not fit is named in one error."""
         state = load_checkpoint(path)
+        check_trainer_state(state, path)
+        self._check_binding(state["run"], path)
         try:
             self.model.load_state_dict(state["model"])
             self.strategy.load_state_dict(state["strategy"])
-        except (RuntimeError, ValueError, KeyError, IndexError) as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as error:
             raise MtlkitError(
                 f"checkpoint {str(path)!r} does not fit this model and strategy (was it written "
-                f"by a run with another architecture, method, strategy or tasks?): {first}"
+                f"by a run with another architecture, method, strategy or tasks?): "
+                f"{one_line(error)}"
             ) from None
-        if state.get("nonfinite") and self._guard() is not None:
-            self._guard().load_state_dict(state["nonfinite"])
+
+        def restore(entry: str, load: Callable[[], Any]) -> Any:
+            try:
+                return load()
+            except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as error:
+                raise MtlkitError(
+                    f"checkpoint {str(path)!r}: entry {entry!r} does not fit this run: "
+                    f"{one_line(error)}"
+                ) from None
+
+        if state["nonfinite"] and self._guard() is not None:
+            restore("nonfinite", lambda: self._guard().load_state_dict(state["nonfinite"]))
         self.progress = Progress(**state["progress"])
         counters = state["counters"]
         self.backwards = counters["backwards"]
         self._batches_seen = counters["batches_seen"]
         self._optimizer_steps = counters["optimizer_steps"]
         if self.exploration is not None and state["exploration"] is not None:
-            self.exploration.load_state_dict(state["exploration"])
+            restore("exploration", lambda: self.exploration.load_state_dict(state["exploration"]))
         best = state["best"]
         self._best_score, self.best_epoch, self._best_state = (
-            best["score"],
+            float(best["score"]),
             best["epoch"],
             best["state"],
         )
         self.history = list(state["history"])
         self.results = dict(state["results"])
-        self._epoch = None if state["epoch"] is None else EpochAccumulator.load(state["epoch"])
+        epoch = state["epoch"]
+        self._epoch = (
+            None if epoch is None else restore("epoch", lambda: EpochAccumulator.load(epoch))
+        )
         position = LoaderPosition()
-        position.load_state_dict(state["position"])
-        self._extra_batches.load_state_dict(state["extra_batches"])
-        torch.set_rng_state(state["rng"])
-        self.parallel.load_state_dict(state.get("precision", {}))
+        restore("position", lambda: position.load_state_dict(state["position"]))
+        restore(
+            "extra_batches", lambda: self._extra_batches.load_state_dict(state["extra_batches"])
+        )
+        restore("rng", lambda: torch.set_rng_state(state["rng"]))
+        restore("precision", lambda: self.parallel.load_state_dict(state["precision"]))
         return position, dict(state["log_rows"])
 
     def _guard(self) -> Any:

@@ -1,0 +1,341 @@
+"""Run folders that mtlkit owns, and one writer per run folder.
+
+A run folder is created by mtlkit and carries a marker, ``.mtlkit-run.json``, with the run's
+identity: a random run id, when it was created, the hash of its config and the mtlkit version.
+:func:`claim_run_dir` is how a run takes a folder:
+
+* a missing or empty folder becomes a new run folder (created, marked);
+* a non-empty folder without a marker is not mtlkit's: it is refused (``out=.`` in a folder of the
+  user's files, ``--out ~``), unless ``overwrite`` (files of mtlkit's names are then replaced;
+  no other file is touched);
+* a run folder holding a finished run (``summary.json`` with test results) or an interrupted one
+  (``checkpoint.pt``) is refused unless ``resume`` or ``overwrite``; a new run in a run folder
+  first deletes the old run's checkpoint, weights and summary (by exact name) and gets a new run
+  id, so that no stale checkpoint is ever resumed under another run's config
+  (:func:`mtlkit.training.checkpoint.check_trainer_state` binds checkpoints to the run id).
+
+One writer per folder: the claim holds an advisory lock (``fcntl.flock`` on ``.mtlkit-run.lock``,
+released by the kernel when the process ends, even on ``SIGKILL``) for as long as the run lasts; a
+second writer is refused with a :class:`RunLockedError` naming the holder's PID. A process may
+claim a folder it holds again (the CLI claims before reading data, the run builder again): the
+inner claim changes nothing. The lock is advisory and local: it does not protect a folder on a
+network file system shared by several machines that lacks ``flock``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mtlkit.errors import ConfigError, MtlkitError
+from mtlkit.training.checkpoint import CHECKPOINT_NAME, MODEL_NAME, RUN_FILES
+from mtlkit.training.logs import WriteError, partial_target, write_json_atomic
+
+try:  # POSIX
+    import fcntl
+except ImportError:  # pragma: no cover (Windows: msvcrt's byte-range lock)
+    fcntl = None  # type: ignore[assignment]
+    import msvcrt
+
+__all__ = [
+    "LOCK_NAME",
+    "MARKER_NAME",
+    "RunLock",
+    "RunLockedError",
+    "RunMarker",
+    "claim_run_dir",
+    "config_hash",
+    "holds",
+    "is_finished_run",
+    "read_marker",
+]
+
+MARKER_NAME = ".mtlkit-run.json"
+LOCK_NAME = ".mtlkit-run.lock"
+STALE_FILES = (CHECKPOINT_NAME, MODEL_NAME, "summary.json", "error.txt")
+"""What a new run deletes from its folder first: the old run's checkpoint, weights and results
+(its logs are truncated when the new ones open, its plots redrawn)."""
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """The SHA-256 of a JSON-able config (keys sorted), as hex."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class RunMarker:
+    """The identity of a run folder (its ``.mtlkit-run.json``)."""
+
+    run_id: str
+    created: str
+    config_hash: str
+    mtlkit_version: str
+
+    @classmethod
+    def new(cls, config_hash: str) -> RunMarker:
+        from mtlkit import __version__
+
+        created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        return cls(uuid.uuid4().hex, created, config_hash, __version__)
+
+
+def read_marker(folder: str | Path) -> RunMarker | None:
+    """The marker of ``folder``; ``None`` if it has none.
+
+    Raises:
+        MtlkitError: if the marker is there but damaged.
+    """
+    path = Path(folder) / MARKER_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise MtlkitError(f"run folder marker {str(path)!r} cannot be read: {error}") from None
+    fields = RunMarker.__dataclass_fields__
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in fields):
+        raise MtlkitError(
+            f"run folder marker {str(path)!r} is damaged (it must hold {', '.join(fields)})"
+        )
+    return RunMarker(**{k: data[k] for k in fields})
+
+
+def is_finished_run(folder: Path) -> bool:
+    """Whether ``folder/summary.json`` holds test results (the run evaluated and wrote them)."""
+    try:
+        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    results = summary.get("results") if isinstance(summary, dict) else None
+    return isinstance(results, dict) and bool(results.get("test"))
+
+
+# ------------------------------------------------------------------------------ the lock
+class RunLockedError(MtlkitError):
+    """Another process writes into the run folder (it holds the folder's lock).
+
+    Attributes:
+        folder: the run folder.
+        pid: the holder's process id, when it could be read.
+    """
+
+    def __init__(self, folder: str | Path, pid: int | None) -> None:
+        self.folder, self.pid = Path(folder), pid
+        holder = f"process {pid}" if pid is not None else "another process"
+        super().__init__(
+            f"run folder {str(folder)!r} is in use: {holder} is writing into it (one writer per "
+            "run folder); wait for it to end, or choose another out"
+        )
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.folder, self.pid))
+
+
+class RunLock:
+    """The advisory lock of a run folder: ``flock`` of ``folder/.mtlkit-run.lock``, which then
+    holds the holder's PID."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def holder(self) -> int | None:
+        """The PID written by the process holding (or that last held) the lock."""
+        try:
+            text = self.path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return int(text) if text.isdigit() else None
+
+    def acquire(self, blocking: bool = False) -> None:
+        """Take the lock; wait for it with ``blocking``.
+
+        Raises:
+            RunLockedError: if another process holds it (not ``blocking``).
+            WriteError: if the lock file cannot be created (a full disk, no permission).
+        """
+        if self._fd is not None:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise WriteError(self.path, error) from error
+        try:
+            _lock(fd, blocking)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunLockedError(self.folder, self.holder()) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        except OSError as error:  # a full disk: the lock holds, the PID is not shown
+            if error.errno != errno.ENOSPC:
+                self.release()
+                raise WriteError(self.path, error) from error
+
+    def release(self) -> None:
+        """Give the lock up (closing the file releases it)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _lock(fd: int, blocking: bool) -> None:
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    while True:  # pragma: no cover (Windows)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return
+        except OSError:
+            if not blocking:
+                raise BlockingIOError from None
+            time.sleep(0.1)
+
+
+# ----------------------------------------------------------------------------- the claim
+_HELD: dict[Path, RunMarker] = {}  # folders this process has claimed, and their markers
+
+
+def holds(folder: str | Path) -> bool:
+    """Whether this process has claimed ``folder`` (and holds its lock)."""
+    return Path(folder).expanduser().resolve() in _HELD
+
+
+def _own(name: str) -> bool:
+    """A name mtlkit's claim itself leaves in a folder: the lock, the marker, a killed write's
+    temporary file of one of the run files."""
+    return name in (LOCK_NAME, MARKER_NAME) or partial_target(name) in RUN_FILES
+
+
+def _refuse_foreign(folder: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse, before creating anything in it, a folder that holds files and is not mtlkit's."""
+    if not folder.exists():
+        if resume:
+            raise ConfigError(f"--resume {str(folder)!r}: no such folder")
+        return
+    if not folder.is_dir():
+        raise ConfigError(f"out {str(folder)!r} exists and is not a folder")
+    if (folder / MARKER_NAME).exists():
+        return
+    if resume:
+        raise ConfigError(
+            f"--resume {str(folder)!r}: not an mtlkit run folder (it has no {MARKER_NAME})"
+        )
+    foreign = sorted(p.name for p in folder.iterdir() if not _own(p.name))
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:5]) + (
+            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        )
+        raise ConfigError(
+            f"out {str(folder)!r} is not empty and is not an mtlkit run folder (no {MARKER_NAME}; "
+            f"it holds {shown}): runs go into new or empty folders, so that no file of yours is "
+            "overwritten; choose another out, or add --overwrite to write into it anyway (files "
+            "named as mtlkit's are then replaced, no other is touched)"
+        )
+
+
+def _settle(
+    folder: Path,
+    config_hash: str,
+    resume: bool,
+    overwrite: bool,
+    finished: Callable[[Path], bool],
+) -> RunMarker:
+    """Under the lock: keep the run (``resume``), or refuse, or start a new one."""
+    marker = read_marker(folder)
+    if marker is not None and resume:
+        return marker
+    if resume:
+        raise ConfigError(f"--resume {str(folder)!r}: not an mtlkit run folder (no {MARKER_NAME})")
+    if marker is not None and not overwrite:
+        if finished(folder):
+            raise ConfigError(
+                f"out {str(folder)!r} holds a finished run; it is not overwritten: --resume "
+                f"{folder} trains it further (from its checkpoint), --overwrite replaces it, or "
+                "choose another out"
+            )
+        if (folder / CHECKPOINT_NAME).exists():
+            raise ConfigError(
+                f"out {str(folder)!r} holds an interrupted run ({CHECKPOINT_NAME}): --resume "
+                f"{folder} continues it, --overwrite starts it over, or choose another out"
+            )
+    for name in STALE_FILES:  # a new run: nothing of the old one may pass for this one's
+        try:
+            (folder / name).unlink(missing_ok=True)
+        except OSError as error:
+            raise WriteError(folder / name, error) from error
+    marker = RunMarker.new(config_hash)
+    write_json_atomic(folder / MARKER_NAME, asdict(marker))
+    return marker
+
+
+@contextmanager
+def claim_run_dir(
+    folder: str | Path,
+    *,
+    config_hash: str,
+    resume: bool = False,
+    overwrite: bool = False,
+    finished: Callable[[Path], bool] = is_finished_run,
+) -> Iterator[RunMarker]:
+    """Take ``folder`` for one run (see the module docstring) and hold its lock until the
+    ``with`` block ends; yield the folder's marker. A folder this process holds already is
+    yielded as it is.
+
+    Args:
+        config_hash: the hash of the run's config (:func:`config_hash`), kept in a new marker.
+        resume: continue the run in the folder (it must be a run folder).
+        overwrite: write into a folder of other files, or replace a finished or interrupted run.
+        finished: whether a run folder holds a finished run (:func:`is_finished_run`).
+
+    Raises:
+        ConfigError: for a folder that is not mtlkit's, or holds a run that would be lost.
+        RunLockedError: if another process writes into it.
+        WriteError: if the folder, its lock or its marker cannot be written.
+    """
+    folder = Path(folder).expanduser()
+    key = folder.resolve()
+    if key in _HELD:
+        yield _HELD[key]
+        return
+    _refuse_foreign(folder, resume, overwrite)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise WriteError(folder, error) from error
+    lock = RunLock(folder)
+    lock.acquire()
+    try:
+        _HELD[key] = _settle(folder, config_hash, resume, overwrite, finished)
+        yield _HELD[key]
+    finally:
+        _HELD.pop(key, None)
+        lock.release()
