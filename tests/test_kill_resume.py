@@ -226,8 +226,10 @@ def test_resume_before_the_first_checkpoint_starts_over(reference, tmp_path):
     ref = reference.folder
     folder = tmp_path / "run"
     folder.mkdir()
-    (folder / "config.yaml").write_text((ref / "config.yaml").read_text())
-    (folder / ".checkpoint.pt.abcd1234.tmp").write_bytes(b"torn")  # a killed write's leftover
+    for name in ("config.yaml", ".mtlkit-run.json"):  # a run folder killed before a checkpoint
+        (folder / name).write_text((ref / name).read_text())
+    (folder / ".checkpoint.pt.mtlkit-abcd1234.tmp").write_bytes(b"torn")  # a killed write's
+    (folder / ".notes.tmp").write_text("the user's")  # not mtlkit's: left alone
     done = subprocess.run(  # the real entry point, in a fresh interpreter
         [sys.executable, "-m", "mtlkit", *TRAIN[:2], "--resume", str(folder)],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -238,4 +240,5 @@ def test_resume_before_the_first_checkpoint_starts_over(reference, tmp_path):
     assert "no checkpoint.pt in" in done.stderr
     assert "training it from the start" in done.stderr
     assert "Traceback" not in done.stderr
+    (folder / ".notes.tmp").unlink()
     assert_same_run(ref, folder)

@@ -8,13 +8,25 @@ metrics to ``stl_baseline.json``; ``baseline=PATH`` (such a file) makes a run al
 Δm% against it. ``mtlkit toy`` runs methods on the 2-D two-objective toy; ``mtlkit plot
 RUN_DIR`` redraws a run's figures (``mtlkit train`` draws them at the end when matplotlib is
 installed). ``mtlkit compare`` runs a grid of methods x strategies x seeds (x budgets) through
-:func:`mtlkit.app.runner.run` (see :mod:`mtlkit.app.compare`). User errors (unknown names, bad
-values) print one line and exit with code 2; an interrupted run exits with code 130.
+:func:`mtlkit.app.runner.run` (see :mod:`mtlkit.app.compare`). ``mtlkit train --check``
+validates a run (names, arguments, run folder, data root, sizes, one dry forward pass) and
+trains nothing.
+
+Run folders are mtlkit's (:mod:`mtlkit.training.run_dir`): ``--out`` at a folder of other files,
+or at a finished or interrupted run, is refused unless ``--overwrite`` (or ``--resume``), and a
+folder another process writes into is refused with that process's PID.
+
+Exit codes: 0 done; 2 bad input (unknown names, bad values, a run folder that would be lost, a
+damaged or foreign checkpoint), one line ``mtlkit: error: ...``; 3 a failure of the environment
+(a full disk or another failed write, a lost DDP peer), one line saying what failed, that the
+last checkpoint is intact and the command that resumes; 130 interrupted (Ctrl-C, SIGTERM), with a
+checkpoint when the run had one.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +38,8 @@ from mtlkit.app.plots import plot_folder
 from mtlkit.app.runner import (
     STL_BASELINE,
     check_baseline,
+    check_run,
+    claimed,
     draw_plots,
     format_delta_m,
     format_results,
@@ -39,18 +53,23 @@ from mtlkit.app.toy import add_toy_arguments, toy_command
 from mtlkit.app.validation import check_config, check_resume
 from mtlkit.architectures import ARCHITECTURES
 from mtlkit.data.benchmarks import DATASETS
-from mtlkit.errors import ConfigError, MtlkitError
+from mtlkit.errors import ConfigError, EnvironmentFailure, MtlkitError
 from mtlkit.methods import METHODS
 from mtlkit.parallel.ddp import from_rank_zero, init_from_env, is_main_process
+from mtlkit.parallel.launch import RankZeroFailed, lost_peer, torchrun_prefix
 from mtlkit.registry import Registry
 from mtlkit.training.checkpoint import CHECKPOINT_NAME
+from mtlkit.training.logs import WriteError
+from mtlkit.training.run_dir import MARKER_NAME, is_finished_run
 from mtlkit.training.strategies import STRATEGIES
 from mtlkit.training.trainer import TrainingInterrupted
 
 EXIT_USER_ERROR = 2
-
-
+"""Bad input: the config, the data, a run folder that would be lost, a damaged checkpoint."""
+EXIT_ENVIRONMENT = 3
+"""A failure of the environment: a full disk (or another failed write), a lost DDP peer."""
 EXIT_INTERRUPTED = 130
+"""Ctrl-C or SIGTERM (128 + SIGINT, as shells report it)."""
 
 # Flags for the common keys: flag -> config key (the value is parsed like key=value).
 
@@ -94,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    train.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the run (names, arguments, run folder, data root, sizes, one dry forward "
+        "pass on the first batch) and exit; trains and writes nothing",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into OUT even if it holds other files (those named as mtlkit's are "
+        "replaced, no other is touched) or a finished or interrupted run (it is replaced)",
     )
     train.add_argument(
         "--stl",
@@ -180,6 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "compare":
             return compare_command(args)
         return train_command(args)
+    except RankZeroFailed:  # DDP: rank 0 reports it
+        return EXIT_USER_ERROR
+    except EnvironmentFailure as error:
+        print(f"mtlkit: error: {error}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     except MtlkitError as error:
         print(f"mtlkit: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -191,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def train_command(args: argparse.Namespace) -> int:
     if args.stl and args.resume is not None:
         raise ConfigError("--stl cannot resume; resume one task's run: --resume OUT/stl/TASK")
+    if args.overwrite and args.resume is not None:
+        raise ConfigError("--overwrite replaces a run and --resume continues it: give one")
     overrides = list(args.overrides)
     for key in FLAGS.values():
         value = getattr(args, f"flag_{key}")
@@ -216,31 +254,55 @@ def train_command(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
+    if args.check:
+        return check_command(config, args)
     check_config(config)  # names, argument types, device, out folder: before reading data
     if args.stl:
-        return stl_command(config)
+        return stl_command(config, args.overwrite)
     baseline = load_baseline(config.baseline) if config.baseline is not None else None
     init_from_env(config.device)  # under torchrun: the process group of the run (DDP)
-    out_dir = from_rank_zero(resolve_out_dir(config))
+    create = config.out is None and is_main_process()  # a new runs/ folder, made at once
+    out_dir = from_rank_zero(resolve_out_dir(config, create=create))
+    try:
+        with claimed(out_dir, config, resume=args.resume is not None, overwrite=args.overwrite):
+            return train_in(out_dir, config, args, baseline)
+    except TrainingInterrupted as stop:
+        if is_main_process():  # DDP: rank 0 wrote the checkpoint and reports it
+            print(f"mtlkit: {stop}", file=sys.stderr)
+            if stop.checkpoint is not None:
+                print(f"resume with: {resume_command(out_dir)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except EnvironmentFailure as failure:
+        print(f"mtlkit: error: {failure}; {recovery(out_dir, failure)}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    except RuntimeError as error:  # DDP: a peer process died and a collective failed
+        peer = lost_peer(error)
+        if peer is None:
+            raise
+        print(f"mtlkit: error: {peer}; {recovery(out_dir, peer)}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+
+
+def train_in(out_dir: Path, config: TrainConfig, args: argparse.Namespace, baseline: Any) -> int:
+    """The run of ``mtlkit train`` in its claimed folder ``out_dir``: data, training, report."""
     problem = load_problem(config, out_dir)
     if baseline is not None:
         check_baseline(baseline, problem.tasks, config.baseline)
     resume = args.resume is not None
-    if resume and not (out_dir / CHECKPOINT_NAME).is_file():  # stopped before its first one
-        print(
+    if resume and not (out_dir / CHECKPOINT_NAME).is_file():
+        if is_finished_run(out_dir):  # retraining it would replace its results
+            raise ConfigError(
+                f"--resume {str(out_dir)!r}: the run is finished and has no {CHECKPOINT_NAME} "
+                "to train on from (checkpoint_every was not set); its results stay as they are "
+                "(start a new run with another out, or --overwrite to replace it)"
+            )
+        print(  # stopped before its first checkpoint
             f"mtlkit: no {CHECKPOINT_NAME} in {out_dir} (the run stopped before writing one): "
             "training it from the start",
             file=sys.stderr,
         )
         resume = False
-    try:
-        results = run(config, out_dir, resume=resume, problem=problem)
-    except TrainingInterrupted as stop:
-        if is_main_process():  # DDP: rank 0 wrote the checkpoint and reports it
-            print(f"mtlkit: {stop}", file=sys.stderr)
-            if stop.checkpoint is not None:
-                print(f"resume with: mtlkit train --resume {out_dir}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    results = run(config, out_dir, resume=resume, problem=problem)
     if not is_main_process():
         return 0  # DDP: rank 0 reports and draws
     print(format_results(results))
@@ -252,11 +314,51 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def stl_command(config: TrainConfig) -> int:
+def resume_command(out_dir: Path) -> str:
+    """The command that resumes the run in ``out_dir`` (under ``torchrun`` when this is)."""
+    if torchrun_prefix():
+        return f"{torchrun_prefix()}-m mtlkit train --resume {out_dir}"
+    return f"mtlkit train --resume {out_dir}"
+
+
+def recovery(out_dir: Path, failure: MtlkitError) -> str:
+    """What is left of the run in ``out_dir`` after an environment failure, and how to go on."""
+    fix = "free some space, then " if getattr(failure, "errno", None) == errno.ENOSPC else ""
+    if isinstance(failure, WriteError) and failure.path.suffix == ".png":
+        return f"the results are written; {fix}draw the figures with: mtlkit plot {out_dir}"
+    if (out_dir / CHECKPOINT_NAME).is_file():
+        return (
+            f"the last checkpoint {out_dir / CHECKPOINT_NAME} is intact; {fix}resume with: "
+            f"{resume_command(out_dir)}"
+        )
+    if (out_dir / "config.yaml").is_file() and (out_dir / MARKER_NAME).is_file():
+        return (
+            f"no checkpoint was written (checkpoint_every=N writes one); {fix}start it over "
+            f"with: {resume_command(out_dir)}"
+        )
+    return f"nothing was trained; {fix}run the same command again"
+
+
+def check_command(config: TrainConfig, args: argparse.Namespace) -> int:
+    """``mtlkit train --check``: :func:`mtlkit.app.runner.check_run`, then one line."""
+    out_dir = resolve_out_dir(config) if config.out is not None else None
+    problem = check_run(config, out_dir, resume=args.resume is not None, overwrite=args.overwrite)
+    if config.baseline is not None:
+        check_baseline(load_baseline(config.baseline), problem.tasks, config.baseline)
+    tasks = ", ".join(t.name for t in problem.tasks)
+    where = f"out {out_dir}" if out_dir is not None else "out: a new folder under runs/"
+    print(
+        f"check passed: method {config.method}, strategy {config.strategy}, arch {config.arch}, "
+        f"data {config.data} (tasks {tasks}); {where}; nothing trained or written"
+    )
+    return 0
+
+
+def stl_command(config: TrainConfig, overwrite: bool = False) -> int:
     """``mtlkit train --stl``: :func:`run_stl`, then print the baseline table."""
-    out_dir = resolve_out_dir(config, label="stl")
+    out_dir = resolve_out_dir(config, label="stl", create=True)
     try:
-        baseline = run_stl(config, out_dir, announce=True)
+        baseline = run_stl(config, out_dir, announce=True, overwrite=overwrite)
     except TrainingInterrupted as stop:
         print(f"mtlkit: {stop}", file=sys.stderr)
         if stop.checkpoint is not None:

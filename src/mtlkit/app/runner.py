@@ -4,7 +4,12 @@
 compare``: it loads the data (:func:`load_problem`), builds the method, strategy, model and
 optimizer factory from their registries, validates the whole setup on the first batch, writes
 ``config.yaml`` and trains with the :class:`~mtlkit.Trainer`. :func:`run_stl` trains the
-single-task baselines that Δm% is measured against (:func:`format_delta_m`).
+single-task baselines that Δm% is measured against (:func:`format_delta_m`). :func:`check_run`
+does every check of :func:`run` and trains and writes nothing (``mtlkit train --check``).
+
+A run holds its folder for as long as it lasts (:func:`claimed`: the folder's marker and lock,
+:mod:`mtlkit.training.run_dir`): a folder of other files, a finished or interrupted run, or a
+folder another process writes into is refused before anything is read or written.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import dataclasses
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +29,26 @@ from torch.utils.data import DataLoader
 from mtlkit.app.config import TrainConfig
 from mtlkit.app.limits import check_model_size, check_sizes
 from mtlkit.app.plots import plot_run
-from mtlkit.app.validation import check_config, check_problem
+from mtlkit.app.validation import check_config, check_problem, check_resume
 from mtlkit.architectures import build
 from mtlkit.data.benchmarks import DATASETS, Problem
 from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.methods import METHODS
 from mtlkit.metrics import delta_m
 from mtlkit.parallel.ddp import init_from_env, is_main_process
+from mtlkit.parallel.launch import rank_zero_first
 from mtlkit.registry import Registry
 from mtlkit.tasks import Task
+from mtlkit.training.checkpoint import CHECKPOINT_NAME, check_trainer_state, load_checkpoint
 from mtlkit.training.logs import write_atomic, write_json_atomic
 from mtlkit.training.optim import optimizer
+from mtlkit.training.run_dir import (
+    check_claim,
+    claim_run_dir,
+    config_hash,
+    is_finished_run,
+    read_marker,
+)
 from mtlkit.training.strategies import STRATEGIES
 from mtlkit.training.trainer import Budget, Results, Trainer
 
@@ -49,19 +64,82 @@ def draw_plots(out_dir: Path) -> None:
         print(f"mtlkit: plots not drawn: {error}; plots=false hides this", file=sys.stderr)
 
 
-def resolve_out_dir(config: TrainConfig, label: str | None = None) -> Path:
-    """``config.out``, or a new folder ``runs/<data>-<arch>-<method>-<strategy>-s<seed>[-N]``
+def resolve_out_dir(config: TrainConfig, label: str | None = None, create: bool = False) -> Path:
+    """``config.out`` (``~`` expanded), or a new folder
+    ``runs/<data>-<arch>-<method>-<strategy>-s<seed>[-N]``
     (``runs/<data>-<arch>-<label>-s<seed>[-N]`` with a ``label``) that never overwrites an
-    earlier run."""
+    earlier run; with ``create`` that new folder is made at once (``mkdir`` fails on a folder
+    that exists), so that two runs started together never pick the same one."""
     if config.out is not None:
-        return Path(config.out)
+        return Path(config.out).expanduser()
     kind = label or f"{config.method}-{config.strategy}"
     base = Path("runs") / f"{config.data}-{config.arch}-{kind}-s{config.seed}"
     candidate, n = base, 1
-    while candidate.exists():
+    while True:
+        if not create and not candidate.exists():
+            return candidate
+        if create:
+            try:
+                candidate.parent.mkdir(parents=True, exist_ok=True)
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:
+                pass
+            except OSError as error:
+                raise ConfigError(
+                    f"cannot create the run folder {str(candidate)!r}: {error}"
+                ) from None
         candidate = base.with_name(f"{base.name}-{n}")
         n += 1
-    return candidate
+
+
+@contextmanager
+def claimed(
+    out_dir: Path | None,
+    config: TrainConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    finished: Callable[[Path], bool] = is_finished_run,
+) -> Iterator[None]:
+    """Hold the run folder ``out_dir`` for the ``with`` block
+    (:func:`mtlkit.training.run_dir.claim_run_dir`; nothing for ``None``). Under ``torchrun``
+    rank 0 creates and claims it while the other ranks wait (:func:`rank_zero_first`)."""
+    if out_dir is None:
+        yield
+        return
+    with ExitStack() as stack:
+        rank_zero_first(
+            lambda: stack.enter_context(
+                claim_run_dir(
+                    out_dir,
+                    config_hash=config_hash(config.to_dict()),
+                    resume=resume,
+                    overwrite=overwrite,
+                    finished=finished,
+                )
+            )
+        )
+        yield
+
+
+def check_checkpoint_config(config: TrainConfig, out_dir: Path) -> None:
+    """Refuse to resume ``out_dir``'s checkpoint under ``config`` when the config the checkpoint
+    records differs in a key a resume may not change (:func:`check_resume`, naming the keys). The
+    tensors are mapped, not read.
+
+    Raises:
+        MtlkitError: for a damaged checkpoint (the entry), or one of another config.
+    """
+    path = out_dir / CHECKPOINT_NAME
+    state = load_checkpoint(path, mmap=True)
+    check_trainer_state(state, path)
+    try:
+        saved = TrainConfig(**state["run"]["config"])
+    except (TypeError, MtlkitError) as error:
+        raise MtlkitError(
+            f"checkpoint {str(path)!r} records a config this version cannot read: {error}"
+        ) from None
+    check_resume(saved, config, source=f"the config {CHECKPOINT_NAME} records")
 
 
 def load_problem(config: TrainConfig, out_dir: Path | None) -> Problem:
@@ -119,13 +197,51 @@ def run(
     out_dir: Path | None,
     resume: bool = False,
     problem: Problem | None = None,
+    overwrite: bool = False,
 ) -> Results:
     """Train and test one model as ``config`` says (continuing from ``out_dir``'s checkpoint
     when ``resume``); return the test results. ``problem``: the data, already loaded by
-    :func:`load_problem` (loaded here otherwise)."""
+    :func:`load_problem` (loaded here otherwise). ``out_dir`` is claimed for the run
+    (:func:`claimed`; ``overwrite`` replaces what it holds)."""
     torch.manual_seed(config.seed)
     init_from_env(config.device)  # under torchrun: the process group of the run (DDP)
     check_config(config)
+    with claimed(out_dir, config, resume=resume, overwrite=overwrite):
+        if resume and out_dir is not None:
+            check_checkpoint_config(config, out_dir)
+        trainer, loaders = build_run(config, out_dir, problem)
+        if out_dir is not None and is_main_process():
+            write_atomic(out_dir / "config.yaml", config.to_yaml())
+        trainer.fit(loaders["train"], loaders["val"], resume=resume)
+        return trainer.evaluate(loaders["test"], split="test")
+
+
+def check_run(
+    config: TrainConfig, out_dir: Path | None, resume: bool = False, overwrite: bool = False
+) -> Problem:
+    """Every check of :func:`run` (the names and arguments, the run folder, the resumed
+    checkpoint's config, the data root, the sizes, one dry forward pass on the first batch) with
+    nothing trained and nothing written; returns the data.
+
+    Raises:
+        MtlkitError: the first problem found (a ConfigError for a config error).
+    """
+    check_config(config)
+    if out_dir is not None:
+        check_claim(out_dir, resume=resume, overwrite=overwrite)
+        if resume and (out_dir / CHECKPOINT_NAME).is_file():
+            check_checkpoint_config(config, out_dir)
+    no_split = dataclasses.replace(config, out=None)  # a drawn split is not written either
+    problem = load_problem(no_split, None)
+    build_run(config, None, problem)
+    return problem
+
+
+def build_run(
+    config: TrainConfig, out_dir: Path | None, problem: Problem | None = None
+) -> tuple[Trainer, dict[str, Any]]:
+    """The Trainer and data loaders of ``config``, validated on the first batch
+    (:meth:`Trainer.validate`) before any file is written."""
     if problem is None:
         problem = load_problem(config, out_dir)
     check_problem(config, [t.name for t in problem.tasks])
@@ -177,22 +293,26 @@ def run(
     )
     loaders = make_loaders(problem, config)
     trainer.validate(loaders["train"])  # before the run's files are written (mtlkit.app.validation)
-    if out_dir is not None and is_main_process():
-        write_atomic(out_dir / "config.yaml", config.to_yaml())
-    trainer.fit(loaders["train"], loaders["val"], resume=resume)
-    return trainer.evaluate(loaders["test"], split="test")
+    return trainer, loaders
 
 
 STL_BASELINE = "stl_baseline.json"
 
 
-def run_stl(config: TrainConfig, out_dir: Path, announce: bool = False) -> Results:
+def run_stl(
+    config: TrainConfig, out_dir: Path, announce: bool = False, overwrite: bool = False
+) -> Results:
     """Single-task baselines: for each task (``config.tasks``, or all of the problem's), train
     a model on that task alone into ``out_dir/stl/<task>``, with ``config`` except that the
     method is plain EW on the joint strategy (with one task: the task's own loss) and a
     selection criterion on another task's metric becomes ``loss``. Write the
     test metrics ``{task: {metric: value}}`` (losses left out) to ``out_dir/stl_baseline.json``
     and return them. A drawn split (Office) is shared by all tasks (``out_dir/splits``).
+
+    ``out_dir`` is claimed for the whole (finished when it holds the baseline file), and each
+    task's folder for its run: a task finished before with the same config is not trained again
+    (its results are read), an interrupted one resumes from its checkpoint; ``overwrite``
+    retrains them all.
     """
     data_args = dict(config.data_args)
     takes_splits = any(a.name == "split_dir" for a in DATASETS.arguments(config.data))
@@ -207,22 +327,38 @@ def run_stl(config: TrainConfig, out_dir: Path, announce: bool = False) -> Resul
         strategy_args={},
         baseline=None,
     )
-    names = [t.name for t in load_problem(base, out_dir).tasks]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "config.yaml", config.to_yaml())
-    baseline: Results = {}
-    for name in names:
-        task_dir = out_dir / "stl" / name
-        select = base.select
-        if select not in ("loss", "last") and not select.startswith(f"{name}/"):
-            select = "loss"  # another task's metric: that task is not trained here
-        single = dataclasses.replace(base, tasks=[name], select=select, out=str(task_dir))
-        if announce:
-            print(f"stl: task {name!r} -> {task_dir}", flush=True)
-        results = run(single, task_dir)
-        baseline[name] = {m: v for m, v in results[name].items() if m != "loss"}
-    write_json_atomic(out_dir / STL_BASELINE, baseline)
+    finished = lambda folder: (folder / STL_BASELINE).is_file()  # noqa: E731
+    with claimed(out_dir, config, overwrite=overwrite, finished=finished):
+        names = [t.name for t in load_problem(base, out_dir).tasks]
+        write_atomic(out_dir / "config.yaml", config.to_yaml())
+        baseline: Results = {}
+        for name in names:
+            task_dir = out_dir / "stl" / name
+            select = base.select
+            if select not in ("loss", "last") and not select.startswith(f"{name}/"):
+                select = "loss"  # another task's metric: that task is not trained here
+            single = dataclasses.replace(base, tasks=[name], select=select, out=str(task_dir))
+            results = _stl_task(single, task_dir, overwrite, announce)
+            baseline[name] = {m: v for m, v in results[name].items() if m != "loss"}
+        write_json_atomic(out_dir / STL_BASELINE, baseline)
     return baseline
+
+
+def _stl_task(config: TrainConfig, task_dir: Path, overwrite: bool, announce: bool) -> Results:
+    """One task's single-task run: its earlier results when it finished with this very config
+    (the marker's config hash), a resume when it was interrupted, a new run otherwise."""
+    marker = read_marker(task_dir) if task_dir.is_dir() else None
+    same = marker is not None and marker.config_hash == config_hash(config.to_dict())
+    if same and not overwrite and is_finished_run(task_dir):
+        if announce:
+            print(f"stl: task {config.tasks[0]!r} finished before in {task_dir}", flush=True)
+        summary = json.loads((task_dir / "summary.json").read_text(encoding="utf-8"))
+        return summary["results"]["test"]
+    resume = marker is not None and not overwrite and (task_dir / CHECKPOINT_NAME).is_file()
+    if announce:
+        how = " (resumed)" if resume else ""
+        print(f"stl: task {config.tasks[0]!r} -> {task_dir}{how}", flush=True)
+    return run(config, task_dir, resume=resume, overwrite=overwrite)
 
 
 def load_baseline(path: str | Path) -> Results:

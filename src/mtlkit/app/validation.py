@@ -314,11 +314,19 @@ def check_device(device: str) -> torch.device:
 
 def check_out_dir(out: str | Path) -> None:
     """The output folder must be a folder or creatable. Probed by creating the missing folders
-    and removing them again, so a failed check leaves nothing behind.
+    and removing them again, so a failed check leaves nothing behind. Under ``torchrun`` only
+    rank 0 probes (it alone creates the run folder; the other ranks wait for it, see
+    :func:`mtlkit.parallel.launch.rank_zero_first`): a probe of rank 1 racing rank 0's folder was
+    an ``[Errno 17] File exists`` error.
+
+    Whether mtlkit may write into an existing folder (it must be empty or an mtlkit run folder)
+    is checked when the run claims it (:func:`mtlkit.training.run_dir.claim_run_dir`).
 
     Raises:
         ConfigError: naming the path and why.
     """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
+        return
     path = Path(out).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -331,7 +339,10 @@ def check_out_dir(out: str | Path) -> None:
     missing = [p for p in missing if not p.exists()]
     try:
         for folder in reversed(missing):
-            folder.mkdir()
+            try:
+                folder.mkdir()
+            except FileExistsError:  # another process made it meanwhile: not ours to remove
+                continue
             created.append(folder)
     except OSError as error:
         raise ConfigError(f"out {str(path)!r}: cannot create the folder ({error})") from None
@@ -342,8 +353,9 @@ def check_out_dir(out: str | Path) -> None:
 
 
 # ------------------------------------------------------------------------------ a resumed run
-def check_resume(saved: TrainConfig, config: TrainConfig) -> None:
-    """A resumed run may only change :data:`RESUMABLE_KEYS` relative to its saved config.
+def check_resume(saved: TrainConfig, config: TrainConfig, source: str = "the saved config") -> None:
+    """A resumed run may only change :data:`RESUMABLE_KEYS` relative to its saved config (the
+    run folder's ``config.yaml``, or the config its checkpoint records: ``source``).
 
     Raises:
         ConfigError: listing each changed key (saved value -> new value).
@@ -358,7 +370,7 @@ def check_resume(saved: TrainConfig, config: TrainConfig) -> None:
         details = "; ".join(f"{k}: {before[k]!r} -> {after[k]!r}" for k in changed)
         raise ConfigError(
             f"--resume cannot change {', '.join(changed)} ({details}): the checkpoint was "
-            f"trained with the saved config; only {', '.join(sorted(RESUMABLE_KEYS))} may change "
+            f"trained with {source}; only {', '.join(sorted(RESUMABLE_KEYS))} may change "
             "(start a new run with a new out= for the rest)"
         )
 

@@ -52,6 +52,7 @@ __all__ = [
     "RunLock",
     "RunLockedError",
     "RunMarker",
+    "check_claim",
     "claim_run_dir",
     "config_hash",
     "holds",
@@ -262,6 +263,31 @@ def _refuse_foreign(folder: Path, resume: bool, overwrite: bool) -> None:
         )
 
 
+def _refuse_to_lose(
+    folder: Path,
+    marker: RunMarker | None,
+    resume: bool,
+    overwrite: bool,
+    finished: Callable[[Path], bool],
+) -> None:
+    """Refuse a claim that would lose the run in ``folder`` (or resume a folder with no run)."""
+    if resume and marker is None:
+        raise ConfigError(f"--resume {str(folder)!r}: not an mtlkit run folder (no {MARKER_NAME})")
+    if resume or marker is None or overwrite:
+        return
+    if finished(folder):
+        raise ConfigError(
+            f"out {str(folder)!r} holds a finished run; it is not overwritten: --resume "
+            f"{folder} trains it further (from its checkpoint), --overwrite replaces it, or "
+            "choose another out"
+        )
+    if (folder / CHECKPOINT_NAME).exists():
+        raise ConfigError(
+            f"out {str(folder)!r} holds an interrupted run ({CHECKPOINT_NAME}): --resume "
+            f"{folder} continues it, --overwrite starts it over, or choose another out"
+        )
+
+
 def _settle(
     folder: Path,
     config_hash: str,
@@ -271,22 +297,9 @@ def _settle(
 ) -> RunMarker:
     """Under the lock: keep the run (``resume``), or refuse, or start a new one."""
     marker = read_marker(folder)
-    if marker is not None and resume:
+    _refuse_to_lose(folder, marker, resume, overwrite, finished)
+    if resume and marker is not None:
         return marker
-    if resume:
-        raise ConfigError(f"--resume {str(folder)!r}: not an mtlkit run folder (no {MARKER_NAME})")
-    if marker is not None and not overwrite:
-        if finished(folder):
-            raise ConfigError(
-                f"out {str(folder)!r} holds a finished run; it is not overwritten: --resume "
-                f"{folder} trains it further (from its checkpoint), --overwrite replaces it, or "
-                "choose another out"
-            )
-        if (folder / CHECKPOINT_NAME).exists():
-            raise ConfigError(
-                f"out {str(folder)!r} holds an interrupted run ({CHECKPOINT_NAME}): --resume "
-                f"{folder} continues it, --overwrite starts it over, or choose another out"
-            )
     for name in STALE_FILES:  # a new run: nothing of the old one may pass for this one's
         try:
             (folder / name).unlink(missing_ok=True)
@@ -295,6 +308,42 @@ def _settle(
     marker = RunMarker.new(config_hash)
     write_json_atomic(folder / MARKER_NAME, asdict(marker))
     return marker
+
+
+def check_claim(
+    folder: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    finished: Callable[[Path], bool] = is_finished_run,
+) -> None:
+    """Whether :func:`claim_run_dir` would take ``folder`` now, without writing anything in it
+    (``mtlkit train --check``): the same refusals, and another process's lock.
+
+    Raises:
+        ConfigError: as :func:`claim_run_dir`.
+        RunLockedError: if another process writes into the folder.
+    """
+    folder = Path(folder).expanduser()
+    if holds(folder):
+        return
+    _refuse_foreign(folder, resume, overwrite)
+    if not folder.is_dir():
+        return
+    marker = read_marker(folder)
+    _refuse_to_lose(folder, marker, resume, overwrite, finished)
+    lock = RunLock(folder)
+    if lock.path.exists():
+        try:
+            fd = os.open(lock.path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            _lock(fd, blocking=False)
+        except BlockingIOError:
+            raise RunLockedError(folder, lock.holder()) from None
+        finally:
+            os.close(fd)
 
 
 @contextmanager
