@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mtlkit.errors import MtlkitError
+from mtlkit.training.logs import atomic_file
 
 
 def _pyplot() -> Any:
@@ -271,10 +272,18 @@ def _panels(plt: Any, count: int, width: float = 5.5, height: float = 4.2) -> tu
 
 
 def _save(plt: Any, fig: Any, path: Path) -> Path:
-    """Lay out ``fig``, write it to ``path`` (PNG, 120 dpi) and close it."""
+    """Lay out ``fig``, write it to ``path`` (PNG, 120 dpi; atomically, so that a full disk
+    leaves the previous image or none, never a torn or empty one) and close it.
+
+    Raises:
+        WriteError: if the image cannot be written (a full disk).
+    """
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_file(path, "wb") as handle:
+            fig.savefig(handle, dpi=120, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 
