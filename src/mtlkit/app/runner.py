@@ -100,10 +100,12 @@ def claimed(
     resume: bool = False,
     overwrite: bool = False,
     finished: Callable[[Path], bool] = is_finished_run,
+    adopt: bool = False,
 ) -> Iterator[None]:
     """Hold the run folder ``out_dir`` for the ``with`` block
-    (:func:`mtlkit.training.run_dir.claim_run_dir`; nothing for ``None``). Under ``torchrun``
-    rank 0 creates and claims it while the other ranks wait (:func:`rank_zero_first`)."""
+    (:func:`mtlkit.training.run_dir.claim_run_dir`, with its arguments; nothing for ``None``).
+    Under ``torchrun`` rank 0 creates and claims it while the other ranks wait
+    (:func:`rank_zero_first`)."""
     if out_dir is None:
         yield
         return
@@ -116,6 +118,7 @@ def claimed(
                     resume=resume,
                     overwrite=overwrite,
                     finished=finished,
+                    adopt=adopt,
                 )
             )
         )

@@ -269,8 +269,11 @@ def _refuse_to_lose(
     resume: bool,
     overwrite: bool,
     finished: Callable[[Path], bool],
+    adopt: bool = False,
 ) -> None:
     """Refuse a claim that would lose the run in ``folder`` (or resume a folder with no run)."""
+    if adopt:
+        return
     if resume and marker is None:
         raise ConfigError(f"--resume {str(folder)!r}: not an mtlkit run folder (no {MARKER_NAME})")
     if resume or marker is None or overwrite:
@@ -294,11 +297,12 @@ def _settle(
     resume: bool,
     overwrite: bool,
     finished: Callable[[Path], bool],
+    adopt: bool = False,
 ) -> RunMarker:
-    """Under the lock: keep the run (``resume``), or refuse, or start a new one."""
+    """Under the lock: keep the run (``resume``, ``adopt``), or refuse, or start a new one."""
     marker = read_marker(folder)
-    _refuse_to_lose(folder, marker, resume, overwrite, finished)
-    if resume and marker is not None:
+    _refuse_to_lose(folder, marker, resume, overwrite, finished, adopt)
+    if (resume or adopt) and marker is not None:
         return marker
     for name in STALE_FILES:  # a new run: nothing of the old one may pass for this one's
         try:
@@ -354,6 +358,7 @@ def claim_run_dir(
     resume: bool = False,
     overwrite: bool = False,
     finished: Callable[[Path], bool] = is_finished_run,
+    adopt: bool = False,
 ) -> Iterator[RunMarker]:
     """Take ``folder`` for one run (see the module docstring) and hold its lock until the
     ``with`` block ends; yield the folder's marker. A folder this process holds already is
@@ -364,6 +369,9 @@ def claim_run_dir(
         resume: continue the run in the folder (it must be a run folder).
         overwrite: write into a folder of other files, or replace a finished or interrupted run.
         finished: whether a run folder holds a finished run (:func:`is_finished_run`).
+        adopt: take the run folder with whatever run it holds (``mtlkit compare``, which then
+            skips a finished run and resumes an interrupted one under the lock); a new folder
+            or an empty one becomes a new run.
 
     Raises:
         ConfigError: for a folder that is not mtlkit's, or holds a run that would be lost.
@@ -383,7 +391,7 @@ def claim_run_dir(
     lock = RunLock(folder)
     lock.acquire()
     try:
-        _HELD[key] = _settle(folder, config_hash, resume, overwrite, finished)
+        _HELD[key] = _settle(folder, config_hash, resume, overwrite, finished, adopt)
         yield _HELD[key]
     finally:
         _HELD.pop(key, None)

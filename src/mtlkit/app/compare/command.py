@@ -22,7 +22,7 @@ from mtlkit.app.compare.report import (
     load_baselines,
     write_results,
 )
-from mtlkit.app.compare.workers import Job, Outcome, execute, run_in_workers
+from mtlkit.app.compare.workers import Job, Outcome, execute, run_in_workers, wait_for_folder
 from mtlkit.app.runner import STL_BASELINE, check_baseline, load_baseline, load_problem
 from mtlkit.errors import ConfigError
 from mtlkit.tasks import Task
@@ -104,8 +104,14 @@ def run_grid(
     if report.skipped:
         echo(f"{done} of {total} finished before, skipped ({out_dir})")
 
+    busy: list[Job] = []  # held by another process: collected when it ends
+
     def record(job: Job, outcome: Outcome) -> None:
         nonlocal done
+        if outcome.status == "busy":
+            busy.append(job)
+            echo(f"[{done}/{total}] {job.name}: {outcome.error}; collected when it ends")
+            return
         done += 1
         report.outcomes.append(outcome)
         verb = {"done": "done", "failed": "FAILED", "interrupted": "interrupted"}[outcome.status]
@@ -117,6 +123,8 @@ def run_grid(
             line += delta_m_note(Path(job.config["out"]), tasks, Path(baseline))
         if outcome.error:
             line += f": {outcome.error}"
+        if outcome.note:
+            line += f" ({outcome.note})"
         echo(line)
 
     try:
@@ -129,6 +137,12 @@ def run_grid(
                     break
         elif plan:
             report.interrupted = run_in_workers(plan, jobs, record)
+        while busy and not report.interrupted:  # in this process, once its holder has ended
+            job = busy.pop(0)
+            wait_for_folder(Path(job.config["out"]))
+            outcome = execute(job)  # finished by the holder, or resumed here
+            record(job, outcome)
+            report.interrupted = outcome.status == "interrupted"
     except KeyboardInterrupt:
         report.interrupted = True
     baselines = load_baselines(grid, out_dir, external)

@@ -1,5 +1,13 @@
 """The jobs of a compare grid and the pool of worker processes that does them: a fresh
-(spawned) process per job, at most ``jobs`` at a time, Ctrl-C turned into checkpoints."""
+(spawned) process per job, at most ``jobs`` at a time, Ctrl-C turned into checkpoints.
+
+One writer per run folder: a job holds its run folder's lock
+(:func:`mtlkit.training.run_dir.claim_run_dir`) and decides under it whether the run is finished
+(by another process since the plan: nothing to do), interrupted (resume it) or new; a folder that
+another process holds is not touched: the job comes back ``busy`` and is collected when that
+process ends (:func:`wait_for_folder`), so two identical compares into one folder never train a
+run twice.
+"""
 
 from __future__ import annotations
 
@@ -19,9 +27,11 @@ from typing import Any, Literal
 import torch
 
 from mtlkit.app.config import TrainConfig
-from mtlkit.app.runner import draw_plots, run, run_stl
+from mtlkit.app.runner import STL_BASELINE, claimed, draw_plots, run, run_stl
 from mtlkit.errors import MtlkitError
-from mtlkit.training.logs import write_atomic
+from mtlkit.training.checkpoint import CHECKPOINT_NAME
+from mtlkit.training.logs import WriteError, write_atomic
+from mtlkit.training.run_dir import RunLock, RunLockedError, is_finished_run
 from mtlkit.training.trainer import TrainingInterrupted
 
 
@@ -37,12 +47,14 @@ class Job:
 
 @dataclass
 class Outcome:
-    """How a job ended: done, failed (with the error) or interrupted, and its seconds."""
+    """How a job ended: done, failed (with the error), interrupted, or busy (another process
+    holds its folder: ``error`` names it), and its seconds; ``note`` says how it was done."""
 
     name: str
-    status: Literal["done", "failed", "interrupted"]
+    status: Literal["done", "failed", "interrupted", "busy"]
     seconds: float
     error: str | None = None
+    note: str | None = None
 
 
 def execute(job: Job, threads: int | None = None) -> Outcome:
@@ -59,19 +71,41 @@ def execute(job: Job, threads: int | None = None) -> Outcome:
     start = time.perf_counter()
     error_file = out_dir / "error.txt"
     try:
-        if job.kind == "stl":
-            run_stl(config, out_dir)
-        else:
-            run(config, out_dir, resume=job.resume)
-            if config.plots:
-                draw_plots(out_dir)
+        stl = job.kind == "stl"
+        finished = (lambda f: (f / STL_BASELINE).is_file()) if stl else is_finished_run
+        with claimed(out_dir, config, adopt=True):  # one writer; decided under the lock
+            if finished(out_dir):
+                seconds = time.perf_counter() - start
+                return Outcome(job.name, "done", seconds, note="finished by another process")
+            if stl:
+                run_stl(config, out_dir)
+            else:
+                run(config, out_dir, resume=(out_dir / CHECKPOINT_NAME).is_file())
+                if config.plots:
+                    draw_plots(out_dir)
+    except RunLockedError as busy:  # not ours to touch (no error.txt either)
+        holder = f"process {busy.pid}" if busy.pid is not None else "another process"
+        return Outcome(job.name, "busy", time.perf_counter() - start, f"in use by {holder}")
     except TrainingInterrupted as stop:
         return Outcome(job.name, "interrupted", time.perf_counter() - start, str(stop))
     except MtlkitError as error:
-        write_atomic(error_file, f"{type(error).__name__}: {error}\n")
-        return Outcome(job.name, "failed", time.perf_counter() - start, str(error))
+        message = str(error)
+        try:
+            write_atomic(error_file, f"{type(error).__name__}: {error}\n")
+        except WriteError as unwritten:  # a full disk: the outcome still says what failed
+            message += f" ({error_file.name} not written: {unwritten})"
+        return Outcome(job.name, "failed", time.perf_counter() - start, message)
     error_file.unlink(missing_ok=True)
     return Outcome(job.name, "done", time.perf_counter() - start)
+
+
+def wait_for_folder(folder: Path) -> None:
+    """Wait until no process holds the run folder ``folder`` (its lock; at once if none)."""
+    if not folder.is_dir():
+        return
+    lock = RunLock(folder)
+    lock.acquire(blocking=True)
+    lock.release()
 
 
 def _worker(job: Job, threads: int, conn: Connection) -> None:
