@@ -60,7 +60,7 @@ from mtlkit.parallel.launch import RankZeroFailed, lost_peer, torchrun_prefix
 from mtlkit.registry import Registry
 from mtlkit.training.checkpoint import CHECKPOINT_NAME
 from mtlkit.training.logs import WriteError
-from mtlkit.training.run_dir import MARKER_NAME, is_finished_run
+from mtlkit.training.run_dir import MARKER_NAME, check_claim, is_finished_run
 from mtlkit.training.strategies import STRATEGIES
 from mtlkit.training.trainer import TrainingInterrupted
 
@@ -243,6 +243,7 @@ def train_command(args: argparse.Namespace) -> int:
     if args.resume is not None:
         if args.config is not None:
             raise ConfigError("--resume takes the config of the run folder; do not give --config")
+        check_claim(args.resume, resume=True)  # a run folder, not in use: before reading it
         saved = args.resume / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"--resume {str(args.resume)!r}: no config.yaml there (not a run)")
