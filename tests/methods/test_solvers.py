@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.optimize import minimize, nnls
+from scipy.optimize import linprog, minimize, nnls
 
 from mtlkit.errors import NonFiniteError
 from mtlkit.methods import solvers
@@ -135,7 +135,16 @@ def test_projection_holds_tiny_rows_to_their_own_scale(seed: int, m: int, tiny: 
     try:
         projection = PolyhedralProjector(factor)(y, lower)
     except InfeasibleError:
-        return  # the polyhedron can be empty for b_0 > 0
+        # the polyhedron can be empty for b_0 > 0: then an LP on the unit-norm rows agrees
+        norms = np.linalg.norm(factor, axis=1)
+        lp = linprog(
+            np.zeros(3),
+            A_ub=-factor / norms[:, None],
+            b_ub=-lower / norms,
+            bounds=[(None, None)] * 3,
+        )
+        assert lp.status == 2, f"DAQP says infeasible, the LP found {lp.x} ({lp.message})"
+        return
     x, lam = projection.x, projection.multipliers
     relative_slack = (factor @ x - lower) / np.linalg.norm(factor, axis=1)
     assert relative_slack.min() >= -1e-9
