@@ -42,8 +42,9 @@ from torch import nn
 from mtlkit import ConfigError, methods
 from mtlkit.architectures import HPS
 from mtlkit.parallel.ddp import Parallel, shard_batch
+from mtlkit.training.forward import ForwardResult
 from mtlkit.training.optim import optimizer
-from mtlkit.training.strategies import ForwardResult, Joint, StrategyContext
+from mtlkit.training.strategies import Joint, StrategyContext
 
 # label -> (registered method, rep_grad, route)
 CASES = {

@@ -37,7 +37,8 @@ from torch import Tensor, nn
 
 import mtlkit
 from mtlkit.methods import EW, MGDA
-from mtlkit.training.strategies import ForwardResult, Joint, StrategyContext
+from mtlkit.training.forward import ForwardResult
+from mtlkit.training.strategies import Joint, StrategyContext
 
 TARGET = 1.05
 

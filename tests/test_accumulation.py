@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from mtlkit import Alternating, Budget, ConfigError, Joint, Task, Trainer, methods
 from mtlkit.app.config import TrainConfig
 from mtlkit.engine.precision import LossScaler, Precision
-from mtlkit.parallel.ddp import split_batch
+from mtlkit.training.accumulation import split_batch
 from mtlkit.training.optim import optimizer
 
 TASKS = ["t0", "t1", "t2"]

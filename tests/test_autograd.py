@@ -8,7 +8,8 @@ from conftest import task_losses, tiny_hps
 from torch import Tensor, nn
 
 import mtlkit
-from mtlkit.engine.backward import graph_leaves
+from mtlkit.engine.contract import Decision
+from mtlkit.engine.jacobian import graph_leaves
 from mtlkit.errors import NonFiniteError
 from mtlkit.methods import EW, MGDA, UW, GradientAggregator, GramianWeighting
 
@@ -46,8 +47,8 @@ class FixedWeights(GramianWeighting):
 class FirstRowTwice(GradientAggregator):
     """Test aggregator without weights: the direction is 2 * J[0] + J[-1] squared (non-linear)."""
 
-    def forward(self, jacobian: Tensor, losses: Tensor | None = None, blocks=None) -> Tensor:
-        return 2 * jacobian[0] + jacobian[-1] ** 2
+    def aggregate(self, jacobian: Tensor, losses: Tensor | None = None, blocks=None) -> Decision:
+        return Decision(direction=2 * jacobian[0] + jacobian[-1] ** 2)
 
 
 class OwnHeadWeights(GradientAggregator):
@@ -58,12 +59,12 @@ class OwnHeadWeights(GradientAggregator):
         super().__init__()
         self.with_weights = with_weights
 
-    def forward(self, jacobian: Tensor, losses: Tensor | None = None, blocks=None) -> Tensor:
-        self.head_weights = torch.tensor([3.0, -1.0, 0.5], dtype=jacobian.dtype)
+    def aggregate(self, jacobian: Tensor, losses: Tensor | None = None, blocks=None) -> Decision:
+        heads = torch.tensor([3.0, -1.0, 0.5], dtype=jacobian.dtype)
         if self.with_weights:
-            self.last_weights = torch.tensor([1.0, 2.0, 0.0], dtype=jacobian.dtype)
-            return self.last_weights @ jacobian
-        return 2 * jacobian[0] + jacobian[-1] ** 2
+            weights = torch.tensor([1.0, 2.0, 0.0], dtype=jacobian.dtype)
+            return Decision(weights=weights, direction=weights @ jacobian, head_weights=heads)
+        return Decision(direction=2 * jacobian[0] + jacobian[-1] ** 2, head_weights=heads)
 
 
 @pytest.mark.parametrize("features", [False, True])
@@ -89,7 +90,9 @@ def test_head_weights_weight_the_heads_and_leave_the_direction_alone(
         method=method,
         features=z if features else None,
     )
-    assert (returned is None) != with_weights  # the direction's weights are still reported
+    assert (returned.weights is None) != with_weights  # the direction's weights are still reported
+    torch.testing.assert_close(returned.head_weights, h, rtol=0, atol=0)
+    assert returned.direction is None  # it is in the shared tensors' .grad
     got = [p.grad for p in encoder]
     if not features:
         got = [torch.cat([g.reshape(-1) for g in got])]
@@ -181,7 +184,7 @@ def test_uw_log_variances_get_their_gradient(problem):
         uw.log_vars.copy_(torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64))
     losses = task_losses(model, x, y)
     values = torch.stack(losses).detach()
-    returned = mtlkit.backward(losses, method=uw)
+    returned = mtlkit.backward(losses, method=uw).weights
     s = torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64)
     c = torch.tensor([0.5, 1.0, 0.5], dtype=torch.float64)
     # d/ds (c e^{-s} L + s/2) = -c e^{-s} L + 1/2
@@ -201,7 +204,7 @@ def test_weighted_aggregator_parameter_route(problem):
     shared = list(model.shared_parameters())
     jac = reference_jacobian(losses, shared)
     w = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
-    returned = mtlkit.backward(losses, shared, FixedWeights(w.tolist()))
+    returned = mtlkit.backward(losses, shared, FixedWeights(w.tolist())).weights
     torch.testing.assert_close(returned, w)
     torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in shared]), w @ jac)
     for i, name in enumerate(["t0", "t1", "t2"]):
@@ -216,7 +219,7 @@ def test_weightless_aggregator_gives_heads_their_unweighted_loss(problem):
     losses = task_losses(model, x, y)
     shared = list(model.shared_parameters())
     jac = reference_jacobian(losses, shared)
-    assert mtlkit.backward(losses, shared, FirstRowTwice()) is None
+    assert mtlkit.backward(losses, shared, FirstRowTwice()).weights is None
     torch.testing.assert_close(
         torch.cat([p.grad.reshape(-1) for p in shared]), 2 * jac[0] + jac[-1] ** 2
     )
@@ -231,8 +234,8 @@ def test_features_route_backpropagates_the_direction_through_the_encoder(problem
     model, x, y = problem
     losses, z = task_losses(model, x, y, features=True)
     jac_z = reference_jacobian(losses, [z])
-    direction = method(jac_z)
-    weights = method.last_weights
+    decision = method.aggregate(jac_z)
+    direction, weights = decision.direction, decision.weights
     encoder = list(model.shared_parameters())
     expected_encoder = torch.autograd.grad(z, encoder, direction.view_as(z), retain_graph=True)
     w = torch.ones(3, dtype=torch.float64) if weights is None else weights
@@ -305,7 +308,7 @@ def test_backward_passes_the_losses_to_aggregators_that_use_them(problem):
     jac = reference_jacobian(losses, shared)
     values = torch.stack(losses).detach()
     expected = MGDA().weights((jac / values[:, None]) @ (jac / values[:, None]).T) / values
-    returned = mtlkit.backward(losses, shared, MGDA(normalization="loss"))
+    returned = mtlkit.backward(losses, shared, MGDA(normalization="loss")).weights
     torch.testing.assert_close(returned, expected)
     torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in shared]), expected @ jac)
 
@@ -313,9 +316,9 @@ def test_backward_passes_the_losses_to_aggregators_that_use_them(problem):
 class RecordBlocks(FirstRowTwice):
     """Records the blocks the engine passes."""
 
-    def forward(self, jacobian: Tensor, losses: Tensor | None = None, blocks=None) -> Tensor:
+    def aggregate(self, jacobian: Tensor, losses: Tensor | None = None, blocks=None) -> Decision:
         self.seen_blocks = blocks
-        return jacobian.sum(dim=0)
+        return Decision(direction=jacobian.sum(dim=0))
 
 
 def test_engine_passes_blocks_of_each_input(problem):

@@ -98,6 +98,7 @@ from torch.utils.data import DataLoader
 from mtlkit.data.benchmarks import DATASETS
 
 torch.manual_seed(0)
+epochs = 2
 tasks = ["a", "b"]
 encoder = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
 heads = {t: nn.Linear(16, 1) for t in tasks}

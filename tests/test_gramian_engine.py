@@ -10,7 +10,7 @@ import mtlkit
 from mtlkit import methods
 from mtlkit.engine.layer_capture import LayerCapture
 from mtlkit.errors import ConfigError, MtlkitError
-from mtlkit.methods.base import GramianWeighting
+from mtlkit.methods.base import Decision, GramianWeighting
 
 
 def _mlp() -> nn.Module:
@@ -115,7 +115,7 @@ def test_backward_with_capture_equals_jacobian_route(name: str) -> None:
         losses = _losses(encoder, heads, x)
         weights = mtlkit.backward(
             losses, shared=list(encoder.parameters()), method=method, capture=capture
-        )
+        ).weights
         params = [*encoder.parameters(), *heads.parameters()]
         grads.append(([p.grad.clone() for p in params], weights))
     (reference, w_ref), (fast, w_fast) = grads
@@ -128,8 +128,11 @@ class HalfHeads(GramianWeighting):
     """Equal weights for the direction; the heads get weights 0.5, 2, -1 (``head_weights``)."""
 
     def weights(self, gramian, losses=None):
-        self.head_weights = torch.tensor([0.5, 2.0, -1.0], dtype=gramian.dtype)
         return torch.ones(gramian.shape[0], dtype=gramian.dtype)
+
+    def decide(self, gramian, losses=None):
+        heads = torch.tensor([0.5, 2.0, -1.0], dtype=gramian.dtype)
+        return Decision(weights=self.weights(gramian, losses), head_weights=heads)
 
 
 def test_head_weights_are_used_on_the_gramian_route_as_on_the_jacobian_route() -> None:
@@ -138,9 +141,11 @@ def test_head_weights_are_used_on_the_gramian_route_as_on_the_jacobian_route() -
         encoder, heads, x = _problem("mlp", 3, seed=2)
         capture = LayerCapture(encoder) if use_capture else None
         losses = _losses(encoder, heads, x)
-        mtlkit.backward(
+        decision = mtlkit.backward(
             losses, shared=list(encoder.parameters()), method=HalfHeads(), capture=capture
         )
+        assert decision.weights.tolist() == [1.0] * 3
+        assert decision.head_weights.tolist() == [0.5, 2.0, -1.0]
         grads.append([p.grad.clone() for p in [*encoder.parameters(), *heads.parameters()]])
     encoder, heads, x = _problem("mlp", 3, seed=2)
     weighted = sum(w * loss for w, loss in zip([0.5, 2.0, -1.0], _losses(encoder, heads, x)))
@@ -215,7 +220,8 @@ def test_route_gramian_rejects_jacobian_methods(tiny_problem_runs) -> None:
 
 @pytest.fixture
 def tiny_problem_runs():
-    from mtlkit.training.strategies import ForwardResult, Joint, StrategyContext
+    from mtlkit.training.forward import ForwardResult
+    from mtlkit.training.strategies import Joint, StrategyContext
 
     def run(method_name: str, route: str) -> list[torch.Tensor]:
         torch.manual_seed(0)

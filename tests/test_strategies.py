@@ -11,9 +11,10 @@ from torch import nn
 from mtlkit import Alternating, Budget, Joint, RandomGroups, Trainer, methods
 from mtlkit.architectures import HPS
 from mtlkit.errors import ConfigError
+from mtlkit.training.forward import ForwardResult
 from mtlkit.training.groups import GroupSchedule
 from mtlkit.training.optim import optimizer
-from mtlkit.training.strategies import STRATEGIES, ForwardResult, StrategyContext
+from mtlkit.training.strategies import STRATEGIES, StrategyContext
 
 TASKS = ["a", "b", "c"]
 

@@ -15,8 +15,9 @@ from mtlkit.architectures import build
 from mtlkit.data.benchmarks import DATASETS
 from mtlkit.data.multi_input import MultiInputLoader
 from mtlkit.errors import MtlkitError, NonFiniteError
+from mtlkit.training.forward import ComputeLosses
 from mtlkit.training.optim import optimizer
-from mtlkit.training.strategies import ComputeLosses, StepReport, Strategy, StrategyContext
+from mtlkit.training.strategies import StepReport, Strategy, StrategyContext
 
 SMALL = {"n_train": 512, "n_val": 256, "n_test": 256}
 

@@ -16,12 +16,13 @@ from torch.utils.data import DataLoader
 from mtlkit import Budget, Trainer
 from mtlkit.app.cli import EXIT_USER_ERROR, main
 from mtlkit.app.config import load_config, parse_value
-from mtlkit.app.validation import check_arguments, matches_type, peek_first_batch
+from mtlkit.app.validation import check_arguments, matches_type
 from mtlkit.architectures import HPS
 from mtlkit.data.benchmarks import DATASETS
 from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.registry import Registry
 from mtlkit.tasks import Task
+from mtlkit.training.preflight import peek_first_batch
 
 TINY = [
     "data_args.n_train=16",

@@ -284,7 +284,7 @@ def method_entry(name: str) -> tuple[str, list[str]]:
         "gradient": "gradient aggregator",
     }[method_group(cls)]
     properties = []
-    if cls.stochastic:
+    if "generator" in inspect.signature(cls.__init__).parameters:
         properties.append("stochastic (seeded by `generator`)")
     if cls.needs_losses_after:
         properties.append("needs the losses after the step (one more forward pass)")

@@ -1,22 +1,25 @@
 """mtlkit: multi-task learning on PyTorch.
 
 The public API: the per-task gradient engine (:func:`jacobian`, :func:`gramian`,
-:func:`backward`), methods (:mod:`mtlkit.methods`), architectures, update strategies, the
-:class:`Trainer`, tasks and metrics.
+:func:`backward`), the step driver for your own loop (:class:`Step`), methods
+(:mod:`mtlkit.methods`), architectures, update strategies, the :class:`Trainer`, tasks and
+metrics.
 """
 
 from mtlkit import methods
 from mtlkit.architectures import HPS
-from mtlkit.engine.backward import backward, gramian, jacobian
+from mtlkit.engine.backward import backward
+from mtlkit.engine.jacobian import gramian, jacobian
 from mtlkit.engine.layer_capture import LayerCapture
 from mtlkit.errors import ConfigError, MtlkitError, NonFiniteError, UnknownNameError
 from mtlkit.metrics import Accuracy, MeanAbsoluteError, MeanSquaredError, Metric, delta_m
 from mtlkit.tasks import Task
+from mtlkit.training.forward import ForwardResult
 from mtlkit.training.groups import RandomGroups
 from mtlkit.training.optim import optimizer
+from mtlkit.training.step import Step, StepResult
 from mtlkit.training.strategies import (
     Alternating,
-    ForwardResult,
     Joint,
     StepReport,
     Strategy,
@@ -41,7 +44,9 @@ __all__ = [
     "MtlkitError",
     "NonFiniteError",
     "RandomGroups",
+    "Step",
     "StepReport",
+    "StepResult",
     "Strategy",
     "StrategyContext",
     "Task",

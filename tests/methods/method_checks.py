@@ -3,15 +3,20 @@ routes of the engine (``mtlkit.backward`` on the shared parameters and on the fe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import pytest
 import torch
 from conftest import task_losses, tiny_hps
 from hypothesis import strategies as st
 from torch import Tensor
 
 import mtlkit
-from mtlkit.methods import GradientAggregator
+from mtlkit.engine.backward import method_backward
+from mtlkit.engine.contract import Decision
+from mtlkit.errors import ConfigError
+from mtlkit.methods import GradientAggregator, Method
 
 KINDS = ("generic", "collinear", "opposite", "zero", "duplicate", "huge", "tiny")
 
@@ -60,6 +65,24 @@ def flat_grads(params) -> Tensor:
     return torch.cat([p.grad.reshape(-1) for p in params])
 
 
+def one_call_backward(
+    losses: Sequence[Tensor], method: Method, params: Sequence[Tensor], **kwargs: Any
+) -> Decision:
+    """``mtlkit.backward(losses, method=method, **kwargs)``. A method that depends on more of the
+    step protocol (``method.protocol()``: hooks that a test drives by hand) must be refused by
+    ``mtlkit.backward`` before any backward (the ``.grad`` of ``params`` unchanged); it then
+    runs through :func:`~mtlkit.engine.backward.method_backward`, the same engine without that
+    check."""
+    if not method.protocol():
+        return mtlkit.backward(losses, method=method, **kwargs)
+    before = [None if p.grad is None else p.grad.clone() for p in params]
+    with pytest.raises(ConfigError, match=type(method).__name__):
+        mtlkit.backward(losses, method=method, **kwargs)
+    for p, grad in zip(params, before):
+        assert (p.grad is None) if grad is None else torch.equal(p.grad, grad)
+    return method_backward(losses, method=method, **kwargs)
+
+
 def check_engine_routes(make: Callable[[], GradientAggregator], num_tasks: int = 3) -> None:
     """``mtlkit.backward`` with a method from ``make()`` on both routes matches a reference: the
     shared tensors get ``method(J)`` (a twin from ``make()`` on the reference Jacobian) and the
@@ -76,8 +99,8 @@ def check_engine_routes(make: Callable[[], GradientAggregator], num_tasks: int =
         rows = [torch.autograd.grad(loss, inputs, retain_graph=True) for loss in losses]
         jac = torch.stack([torch.cat([g.reshape(-1) for g in row]) for row in rows])
         twin = make()
-        direction = twin(jac, torch.stack(losses).detach())
-        weights = twin.last_weights
+        decision = twin.aggregate(jac, torch.stack(losses).detach())
+        direction, weights = decision.direction, decision.weights
         w = torch.ones(num_tasks, dtype=torch.float64) if weights is None else weights.detach()
         expected_heads = torch.autograd.grad(
             (w * torch.stack(losses)).sum(), heads, retain_graph=True
@@ -88,15 +111,16 @@ def check_engine_routes(make: Callable[[], GradientAggregator], num_tasks: int =
             )
         else:
             expected_encoder = [direction]
-        returned = mtlkit.backward(
+        returned = one_call_backward(
             losses,
+            make(),
+            list(model.parameters()),
             shared=None if features else encoder,
-            method=make(),
             features=z if features else None,
         )
-        assert (returned is None) == (weights is None)
+        assert (returned.weights is None) == (weights is None)
         if weights is not None:
-            torch.testing.assert_close(returned, weights, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(returned.weights, weights, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(
             flat_grads(encoder),
             torch.cat([e.reshape(-1) for e in expected_encoder]),
@@ -126,6 +150,6 @@ def check_gramian_weighting_routes(problem, make: Callable[[], GradientAggregato
         returned = mtlkit.backward(losses, method=make(), features=z)
     else:
         returned = mtlkit.backward(losses, inputs, make())
-    torch.testing.assert_close(returned, expected)
+    torch.testing.assert_close(returned.weights, expected)
     for p, g in zip(params, grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)

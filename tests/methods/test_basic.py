@@ -29,10 +29,11 @@ def tolerance(jac: torch.Tensor) -> float:
 def test_mean_and_sum_are_the_mean_and_sum_of_the_rows(jac: torch.Tensor) -> None:
     m = jac.shape[0]
     mean, total = Mean(), Sum()
-    torch.testing.assert_close(mean(jac), jac.mean(dim=0), rtol=0, atol=tolerance(jac))
-    torch.testing.assert_close(total(jac), jac.sum(dim=0), rtol=0, atol=tolerance(jac))
-    assert torch.equal(mean.last_weights, torch.full((m,), 1 / m, dtype=jac.dtype))
-    assert total.last_weights.tolist() == [1.0] * m
+    averaged, summed = mean.aggregate(jac), total.aggregate(jac)
+    torch.testing.assert_close(averaged.direction, jac.mean(dim=0), rtol=0, atol=tolerance(jac))
+    torch.testing.assert_close(summed.direction, jac.sum(dim=0), rtol=0, atol=tolerance(jac))
+    assert torch.equal(averaged.weights, torch.full((m,), 1 / m, dtype=jac.dtype))
+    assert summed.weights.tolist() == [1.0] * m
     perm = torch.randperm(m, generator=torch.Generator().manual_seed(m))
     torch.testing.assert_close(total(jac[perm]), total(jac), rtol=0, atol=tolerance(jac))
 
@@ -89,7 +90,6 @@ def test_non_finite_and_bad_shapes(name: str) -> None:
 def test_registry_names() -> None:
     assert isinstance(methods.get("mean"), Mean) and isinstance(methods.get("sum"), Sum)
     assert type(methods.get("rgw")) is RGW and type(methods.get("random")) is Random
-    assert methods.get("rgw").stochastic and not methods.get("mean").stochastic
     with pytest.raises(ConfigError, match="no argument"):
         methods.get("mean", weights=[1])
 
@@ -123,9 +123,9 @@ def test_rgw_distribution() -> None:
 
 def test_rgw_direction_is_the_weighted_sum() -> None:
     jac = make_jacobian(1, 5, 6)
-    method = RGW(generator=3)
-    d = method(jac)
-    torch.testing.assert_close(d, method.last_weights @ jac, rtol=0, atol=1e-15)
+    decision = RGW(generator=3).aggregate(jac)
+    torch.testing.assert_close(decision.direction, decision.weights @ jac, rtol=0, atol=1e-15)
+    assert torch.equal(decision.weights, RGW(generator=3).weights(jac @ jac.T))  # its own draw
 
 
 def test_rgw_seed_reset_state_dict_and_alias() -> None:
@@ -136,7 +136,6 @@ def test_rgw_seed_reset_state_dict_and_alias() -> None:
     assert all(torch.equal(w, alias.weights(jac @ jac.T)) for w in first)
     assert len({tuple(w.tolist()) for w in first}) == 5
     a.reset()
-    assert a.last_weights is None
     assert all(torch.equal(w, a.weights(jac @ jac.T)) for w in first)
     state = a.state_dict()
     after = [a.weights(jac @ jac.T) for _ in range(3)]

@@ -70,9 +70,9 @@ def test_registry_and_arguments() -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_c_zero_is_the_mean(rescale: int, kind: str) -> None:
     jac = random_jacobian(1, 5, 7, kind)
-    method = CAGrad(c=0.0, rescale=rescale)
-    torch.testing.assert_close(method(jac), jac.mean(dim=0), rtol=0, atol=1e-15)
-    torch.testing.assert_close(method.last_weights, torch.full((5,), 0.2, dtype=F64))
+    decision = CAGrad(c=0.0, rescale=rescale).aggregate(jac)
+    torch.testing.assert_close(decision.direction, jac.mean(dim=0), rtol=0, atol=1e-15)
+    torch.testing.assert_close(decision.weights, torch.full((5,), 0.2, dtype=F64))
 
 
 @settings(max_examples=50, deadline=None)
@@ -89,13 +89,13 @@ def test_optimality_certificate(seed: int, m: int, n: int, c: float, scale: floa
     the maximiser (weak duality: any feasible ``d'`` has ``min_i g_i · d' ≤ F(w)``). When the
     gradients are Pareto-stationary the maximin value is 0 and ``d`` may lie inside the ball."""
     jac = random_jacobian(seed, m, n) * scale
-    method = CAGrad(c=c, rescale=0)
-    d = method(jac)
+    decision = CAGrad(c=c, rescale=0).aggregate(jac)
+    d = decision.direction
     g0 = jac.mean(dim=0)
     radius = c * float(g0.norm())
     top = float((jac @ jac.T).diagonal().max())
     primal = float((jac @ d).min())
-    extra = method.last_weights - 1.0 / m
+    extra = decision.weights - 1.0 / m
     assert bool((extra >= 0).all())
     assert float((d - g0).norm()) <= radius * (1 + 1e-8)
     if float((d - g0).norm()) < radius * (1 - 1e-8):
@@ -132,9 +132,7 @@ def test_rescale_divides_the_direction() -> None:
 
 def test_large_c_tends_to_mgda() -> None:
     jac = random_jacobian(5, 5, 8)
-    method = CAGrad(c=1e6, rescale=0)
-    method(jac)
-    extra = method.last_weights - 0.2
+    extra = CAGrad(c=1e6, rescale=0).aggregate(jac).weights - 0.2
     mgda = MGDA().weights(jac @ jac.T)
     torch.testing.assert_close(extra / extra.sum(), mgda, rtol=0, atol=1e-5)
 

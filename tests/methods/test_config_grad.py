@@ -40,9 +40,9 @@ def test_two_orthogonal_gradients_closed_form() -> None:
     d = method(torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=F64))
     assert torch.allclose(d, torch.tensor([1.0, 1.0], dtype=F64), atol=1e-14)
     # |g2| = 2: the direction stays on the bisector, the length is (1 + 2) / √2
-    d = method(torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=F64))
-    assert torch.allclose(d, torch.tensor([1.5, 1.5], dtype=F64), atol=1e-14)
-    assert torch.allclose(method.last_weights, torch.tensor([1.5, 0.75], dtype=F64), atol=1e-14)
+    decision = method.aggregate(torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=F64))
+    assert torch.allclose(decision.direction, torch.tensor([1.5, 1.5], dtype=F64), atol=1e-14)
+    assert torch.allclose(decision.weights, torch.tensor([1.5, 0.75], dtype=F64), atol=1e-14)
 
 
 def test_conflicting_pair_closed_form() -> None:
@@ -107,9 +107,9 @@ def test_opposite_gradients_give_zero() -> None:
 def test_zero_gradient_gets_zero_weight() -> None:
     jac = make_jacobian(3, 4, 7)
     jac[2] = 0
-    method = ConFIG()
-    d = method(jac)
-    assert method.last_weights[2] == 0
+    decision = ConFIG().aggregate(jac)
+    d = decision.direction
+    assert decision.weights[2] == 0
     kept = jac[[0, 1, 3]]
     # the other three still get equal projections (the zero row cannot be matched: least squares)
     projections = (kept / kept.norm(dim=1, keepdim=True)) @ d
@@ -151,9 +151,9 @@ def test_scale_invariance_of_the_direction_and_permutation_equivariance(seed: in
     rescaled = ConFIG()(jac * torch.tensor([[3.0], [0.1], [1.0], [20.0]], dtype=F64))
     assert torch.allclose(rescaled / rescaled.norm(), d / d.norm(), atol=1e-10)
     perm = torch.randperm(4, generator=torch.Generator().manual_seed(seed))
-    method = ConFIG()
-    assert torch.allclose(method(jac[perm]), d, atol=1e-10)
-    assert torch.allclose(method.last_weights, ConFIG().weights(jac @ jac.T)[perm], atol=1e-10)
+    decision = ConFIG().aggregate(jac[perm])
+    assert torch.allclose(decision.direction, d, atol=1e-10)
+    assert torch.allclose(decision.weights, ConFIG().weights(jac @ jac.T)[perm], atol=1e-10)
 
 
 def test_single_task_returns_the_gradient() -> None:

@@ -49,17 +49,16 @@ def test_registry_and_arguments() -> None:
 def test_two_tasks_known_values() -> None:
     jac = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=F64)
     # g1/2 projected: (0.5, 0) + 0.25 g2 = (0.25, 0.25); g2/2 projected: (0, 0.5) = g2/2 + g1/2.
-    upgrad = UPGrad()
-    d = upgrad(jac)
-    torch.testing.assert_close(upgrad.last_weights, torch.tensor([1.0, 0.75], dtype=F64))
-    torch.testing.assert_close(d, torch.tensor([0.25, 0.75], dtype=F64))
+    upgrad = UPGrad().aggregate(jac)
+    torch.testing.assert_close(upgrad.weights, torch.tensor([1.0, 0.75], dtype=F64))
+    torch.testing.assert_close(upgrad.direction, torch.tensor([0.25, 0.75], dtype=F64))
     # the mean (0, 0.5) is on the cone's boundary (g1·d = 0): DualProj keeps it
     torch.testing.assert_close(DualProj().weights(jac @ jac.T), torch.full((2,), 0.5, dtype=F64))
     # with g2 = (-2, 1) the mean (-0.5, 0.5) conflicts with g1: it is projected to (0, 0.5)
     jac = torch.tensor([[1.0, 0.0], [-2.0, 1.0]], dtype=F64)
-    dualproj = DualProj()
-    torch.testing.assert_close(dualproj(jac), torch.tensor([0.0, 0.5], dtype=F64))
-    torch.testing.assert_close(dualproj.last_weights, torch.tensor([1.0, 0.5], dtype=F64))
+    dualproj = DualProj().aggregate(jac)
+    torch.testing.assert_close(dualproj.direction, torch.tensor([0.0, 0.5], dtype=F64))
+    torch.testing.assert_close(dualproj.weights, torch.tensor([1.0, 0.5], dtype=F64))
 
 
 @pytest.mark.filterwarnings("ignore:.*redone with scipy's NNLS:RuntimeWarning")  # tested apart
@@ -77,9 +76,10 @@ def test_directions_are_non_conflicting(
     method: UPGrad, seed: int, m: int, n: int, kind: str, scale: float, dtype: torch.dtype
 ) -> None:
     jac = random_jacobian(seed, m, n, kind, dtype) * scale
-    d = method(jac)
+    decision = method.aggregate(jac)
+    d = decision.direction
     assert d.dtype == dtype and bool(torch.isfinite(d).all())
-    assert_non_conflicting(jac, method.last_weights, 1e-10 if dtype == F64 else 1e-5)
+    assert_non_conflicting(jac, decision.weights, 1e-10 if dtype == F64 else 1e-5)
 
 
 @settings(max_examples=40, deadline=None)
@@ -165,9 +165,10 @@ def test_degenerate_inputs() -> None:
         torch.testing.assert_close(method.weights(zero), torch.full((3,), 1 / 3, dtype=F64))
         jac = random_jacobian(0, 4, 3)
         jac[1] = 0
-        d = method(jac)
-        assert float(method.last_weights[1]) == pytest.approx(0.25)  # keeps its share u_1
-        assert_non_conflicting(jac, method.last_weights, 1e-10)
+        decision = method.aggregate(jac)
+        d = decision.direction
+        assert float(decision.weights[1]) == pytest.approx(0.25)  # keeps its share u_1
+        assert_non_conflicting(jac, decision.weights, 1e-10)
         assert bool(torch.isfinite(d).all())
         with pytest.raises(NonFiniteError):
             method.weights(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]))

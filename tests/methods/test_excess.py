@@ -43,9 +43,10 @@ def test_matches_reference(step_size: float) -> None:
     method = ExcessMTL(robust_step_size=step_size)
     expected, weights = reference_excess(jacobians, step_size)
     for jac, d, w in zip(jacobians, expected, weights):
-        assert torch.allclose(method(jac), d, atol=1e-12)
-        assert torch.allclose(method.last_weights, w, atol=1e-12)
-        assert float(method.last_weights.sum()) == pytest.approx(3.0)
+        decision = method.aggregate(jac)
+        assert torch.allclose(decision.direction, d, atol=1e-12)
+        assert torch.allclose(decision.weights, w, atol=1e-12)
+        assert float(decision.weights.sum()) == pytest.approx(3.0)
 
 
 def test_first_step_is_the_sum_and_equal_ratios_keep_equal_weights() -> None:
@@ -53,8 +54,7 @@ def test_first_step_is_the_sum_and_equal_ratios_keep_equal_weights() -> None:
     method = ExcessMTL(robust_step_size=1.0, eps=1e-30)
     assert torch.allclose(method(jac), jac.sum(dim=0))
     # the same J again: every e_i / e_i⁰ is 1/√2, so the weights stay equal
-    method(jac)
-    assert torch.allclose(method.last_weights, torch.ones(3, dtype=F64), atol=1e-12)
+    assert torch.allclose(method.aggregate(jac).weights, torch.ones(3, dtype=F64), atol=1e-12)
 
 
 def test_task_with_larger_relative_excess_gains_weight() -> None:
@@ -63,8 +63,7 @@ def test_task_with_larger_relative_excess_gains_weight() -> None:
     method(jac)
     later = jac.clone()
     later[1] *= 3.0  # task 1's gradient grows relative to its history: larger excess risk
-    method(later)
-    w = method.last_weights
+    w = method.aggregate(later).weights
     assert w[1] > w[0] and w[1] > w[2] and w[0] == pytest.approx(float(w[2]))
 
 
@@ -73,9 +72,8 @@ def test_invariant_to_each_task_loss_scale() -> None:
     c = torch.tensor([[100.0], [0.01], [1.0]], dtype=F64)
     plain, scaled = ExcessMTL(eps=1e-30), ExcessMTL(eps=1e-30)
     for jac in jacobians:
-        plain(jac)
-        scaled(jac * c)
-    assert torch.allclose(plain.last_weights, scaled.last_weights, atol=1e-12)
+        expected = plain.aggregate(jac).weights
+        assert torch.allclose(scaled.aggregate(jac * c).weights, expected, atol=1e-12)
 
 
 def test_zero_gradient_at_the_first_step_sets_its_reference_later() -> None:
@@ -84,8 +82,8 @@ def test_zero_gradient_at_the_first_step_sets_its_reference_later() -> None:
     method = ExcessMTL(robust_step_size=0.5)
     method(first)
     assert method.reference[1] == 0 and method.reference[0] > 0
-    method(make_jacobian(4, 2, 4))
-    assert method.reference[1] > 0 and torch.isfinite(method.last_weights).all()
+    decision = method.aggregate(make_jacobian(4, 2, 4))
+    assert method.reference[1] > 0 and torch.isfinite(decision.weights).all()
 
 
 def test_state_round_trip_and_reset() -> None:

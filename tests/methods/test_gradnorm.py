@@ -27,15 +27,14 @@ def test_one_step_closed_form() -> None:
     method = GradNorm(alpha=1.5, lr=0.025)
     jac = diagonal_jacobian([1.0, 3.0])
     losses = torch.tensor([2.0, 0.5], dtype=F64)
-    d = method(jac, losses)
-    assert method.last_weights.tolist() == [1.0, 1.0]  # w(0) is used for the step
-    assert torch.equal(d, jac.sum(dim=0))
+    decision = method.aggregate(jac, losses)
+    assert decision.weights.tolist() == [1.0, 1.0]  # w(0) is used for the step
+    assert torch.equal(decision.direction, jac.sum(dim=0))
     updated = torch.tensor([1.025, 0.925], dtype=F64)
     assert torch.allclose(method.task_weights, 2 * updated / updated.sum(), atol=1e-15)
     assert torch.allclose(method.last_norms, torch.tensor([1.0, 3.0], dtype=F64))
     # the next step uses the updated weights
-    method(jac, losses)
-    assert torch.allclose(method.last_weights, 2 * updated / updated.sum())
+    assert torch.allclose(method.aggregate(jac, losses).weights, 2 * updated / updated.sum())
 
 
 def test_training_rates_set_the_targets() -> None:
@@ -98,9 +97,9 @@ def test_one_update_is_a_frozen_target_gradient_step_then_a_rescaling(data, m, a
     jac = diagonal_jacobian(norms.tolist())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # lr G_i <= 1e-2 < min w_i: no clamping
-        direction = method(jac, losses)
-    assert torch.equal(method.last_weights, weights)  # w(t) is used, then updated
-    assert torch.allclose(direction, weights @ jac, rtol=1e-14, atol=0)
+        decision = method.aggregate(jac, losses)
+    assert torch.equal(decision.weights, weights)  # w(t) is used, then updated
+    assert torch.allclose(decision.direction, weights @ jac, rtol=1e-14, atol=0)
     updated = method.task_weights
     assert float(updated.sum()) == pytest.approx(m, abs=1e-12)
     stepped = weights + lr * torch.sign(gaps) * norms
@@ -225,7 +224,8 @@ def test_last_blocks_measures_the_last_blocks_only() -> None:
     method(jac, losses, blocks=[4, 2, 3])
     reference.weights(jac[:, 4:] @ jac[:, 4:].T, losses)  # the same norms, from the Gramian
     assert torch.allclose(method.task_weights, reference.task_weights)
-    assert torch.allclose(method(jac, losses, blocks=[4, 2, 3]), method.last_weights @ jac)
+    decision = method.aggregate(jac, losses, blocks=[4, 2, 3])
+    assert torch.allclose(decision.direction, decision.weights @ jac)
     with pytest.raises(ValueError, match="Gramian does not give"):
         method.weights(jac @ jac.T, losses)
     with pytest.raises(ValueError, match="needs that many blocks"):

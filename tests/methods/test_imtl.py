@@ -51,9 +51,8 @@ def test_registry_and_arguments() -> None:
 )
 def test_equal_projections_on_unit_gradients(seed: int, m: int, extra: int, scale: float) -> None:
     jac = random_jacobian(seed, m, m + extra) * scale  # linearly independent rows
-    method = IMTLG()
-    d = method(jac)
-    alpha = method.last_weights
+    decision = IMTLG().aggregate(jac)
+    d, alpha = decision.direction, decision.weights
     assert float(alpha.sum()) == pytest.approx(1.0, rel=1e-9)
     projections = (jac @ d) / jac.norm(dim=1)
     spread = float(projections.max() - projections.min())
@@ -117,10 +116,10 @@ def test_hybrid_is_imtl_g_on_the_scaled_gradients() -> None:
         hybrid.scaling.log_scales.copy_(torch.tensor([0.3, -1.0, 0.0, 2.0]))
     scales = hybrid.scaling.log_scales.detach().double().exp()
     scaled_jac = jac * scales[:, None]
-    d = hybrid(jac, losses)
-    torch.testing.assert_close(d, IMTLG()(scaled_jac))
+    decision = hybrid.aggregate(jac, losses)
+    torch.testing.assert_close(decision.direction, IMTLG()(scaled_jac))
     torch.testing.assert_close(
-        hybrid.last_weights, scales * IMTLG().weights(scaled_jac @ scaled_jac.T)
+        decision.weights, scales * IMTLG().weights(scaled_jac @ scaled_jac.T)
     )
 
 
@@ -203,7 +202,7 @@ def test_engine_routes(kind: str, features: bool) -> None:
         returned = mtlkit.backward(losses, method=method, features=z)
     else:
         returned = mtlkit.backward(losses, inputs, method)
-    torch.testing.assert_close(returned, expected)
+    torch.testing.assert_close(returned.weights, expected)
     for p, g in zip(params, grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
     if kind == "imtl":  # the scales got the gradient of Σ e^{s} L - s

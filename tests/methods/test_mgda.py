@@ -78,8 +78,9 @@ def test_single_task() -> None:
     assert isinstance(method, MGDA)
     assert method.weights(torch.tensor([[4.0]], dtype=F64)).tolist() == [1.0]
     jac = torch.tensor([[3.0, -1.0]], dtype=F64)
-    assert torch.equal(method(jac), jac[0])
-    assert method.last_weights.tolist() == [1.0]
+    decision = method.aggregate(jac)
+    assert torch.equal(decision.direction, jac[0])
+    assert decision.weights.tolist() == [1.0]
 
 
 @pytest.mark.parametrize(
@@ -97,10 +98,9 @@ def test_two_tasks_known_values(
     g1: list[float], g2: list[float], w1: float, direction: list[float]
 ) -> None:
     jac = torch.tensor([g1, g2], dtype=F64)
-    method = MGDA()
-    d = method(jac)
-    assert torch.allclose(method.last_weights, torch.tensor([w1, 1 - w1], dtype=F64), atol=1e-12)
-    assert torch.allclose(d, torch.tensor(direction, dtype=F64), atol=1e-12)
+    decision = MGDA().aggregate(jac)
+    assert torch.allclose(decision.weights, torch.tensor([w1, 1 - w1], dtype=F64), atol=1e-12)
+    assert torch.allclose(decision.direction, torch.tensor(direction, dtype=F64), atol=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(50))
@@ -123,10 +123,9 @@ def test_orthogonal_gradients(m: int) -> None:
 def test_identical_gradients() -> None:
     g = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
     jac = g.expand(4, 3).clone()
-    method = MGDA()
-    d = method(jac)
-    assert_kkt(jac @ jac.T, method.last_weights)
-    assert torch.allclose(d, g, atol=1e-12)
+    decision = MGDA().aggregate(jac)
+    assert_kkt(jac @ jac.T, decision.weights)
+    assert torch.allclose(decision.direction, g, atol=1e-12)
 
 
 @pytest.mark.parametrize("normalization", ["none", "l2", "loss", "loss+"])
@@ -134,11 +133,10 @@ def test_zero_gradient_gets_all_weight(normalization: str) -> None:
     jac = random_jacobian(0, 5, 4)
     jac[3] = 0
     losses = torch.tensor([0.5, 1.0, 2.0, 3.0, 0.1], dtype=F64)
-    method = MGDA(normalization=normalization)
-    d = method(jac, losses)
+    decision = MGDA(normalization=normalization).aggregate(jac, losses)
     expected = 1 / 3 if normalization == "loss" else 1.0  # w*_i / c_i with c = L_i = 3
-    assert method.last_weights.tolist() == [0.0, 0.0, 0.0, expected, 0.0]
-    assert d.tolist() == [0.0] * 4
+    assert decision.weights.tolist() == [0.0, 0.0, 0.0, expected, 0.0]
+    assert decision.direction.tolist() == [0.0] * 4
 
 
 def test_all_gradients_zero() -> None:
@@ -217,8 +215,9 @@ def test_normalizations(normalization: str, seed: int) -> None:
     w = method.weights(jac @ jac.T, losses)
     assert torch.allclose(w, expected / scales, atol=1e-10)
     assert torch.allclose(w @ jac, expected @ normalized, atol=1e-10)
-    assert torch.allclose(method(jac, losses), expected @ normalized, atol=1e-10)
-    assert method.last_weights is not None and torch.allclose(method.last_weights, w)
+    decision = method.aggregate(jac, losses)
+    assert torch.allclose(decision.direction, expected @ normalized, atol=1e-10)
+    assert decision.weights is not None and torch.allclose(decision.weights, w)
 
 
 def test_l2_normalization_ignores_gradient_scale() -> None:

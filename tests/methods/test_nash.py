@@ -146,7 +146,7 @@ def test_nash_update_every_state_dict_and_reset() -> None:
     torch.testing.assert_close(clone.weights(jacs[3] @ jacs[3].T), third)
     torch.testing.assert_close(method.weights(jacs[3] @ jacs[3].T), third)
     method.reset()
-    assert method.solution is None and method.last_weights is None
+    assert method.solution is None and method.last_solve is None
     torch.testing.assert_close(
         method.weights(jacs[4] @ jacs[4].T), NashMTL(max_norm=0.0).weights(jacs[4] @ jacs[4].T)
     )
@@ -184,9 +184,9 @@ def test_stationary_gradients_warn_and_give_zero_weights(jac: list[list[float]])
     jac = torch.tensor(jac, dtype=F64)
     for method in (NashMTL(), FairGrad(alpha=2.0)):
         with pytest.warns(RuntimeWarning, match="Pareto-stationary"):
-            d = method(jac)
-        assert method.last_weights.tolist() == [0.0] * jac.shape[0]
-        assert d.tolist() == [0.0] * jac.shape[1]
+            decision = method.aggregate(jac)
+        assert decision.weights.tolist() == [0.0] * jac.shape[0]
+        assert decision.direction.tolist() == [0.0] * jac.shape[1]
 
 
 def test_iteration_cap_warns() -> None:

@@ -19,9 +19,9 @@ F64 = torch.float64
 
 def test_closed_form() -> None:
     jac = torch.tensor([[3.0, 0.0], [0.0, 4.0]], dtype=F64)
-    method = NGDiff()
-    assert torch.allclose(method(jac), torch.tensor([1.0, -1.0], dtype=F64))
-    assert torch.allclose(method.last_weights, torch.tensor([1 / 3, -1 / 4], dtype=F64))
+    decision = NGDiff().aggregate(jac)
+    assert torch.allclose(decision.direction, torch.tensor([1.0, -1.0], dtype=F64))
+    assert torch.allclose(decision.weights, torch.tensor([1 / 3, -1 / 4], dtype=F64))
 
 
 @settings(max_examples=40, deadline=None)

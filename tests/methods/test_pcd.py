@@ -129,10 +129,11 @@ def test_two_tasks_closed_form(seed: int) -> None:
 @given(jacobians(max_m=6), st.floats(0.0, 1.0))
 def test_direction_properties(jac: torch.Tensor, tau: float) -> None:
     method = PCD(tau=tau)
-    d = method(jac)
+    decision = method.aggregate(jac)
+    d = decision.direction
     assert d.dtype == jac.dtype and bool(torch.isfinite(d).all())
     g1 = jac[0].double()
-    w = method.last_weights.double()
+    w = decision.weights.double()
     jac64 = jac.double()
     torch.testing.assert_close(w @ jac64, d.double(), rtol=1e-4, atol=1e-4 * float(g1.norm()))
     eps = 1e-4 if jac.dtype == torch.float32 else 1e-9
@@ -161,8 +162,9 @@ def test_secondary_scale_invariance_and_primary_index() -> None:
     perm = [2, 0, 1]  # the primary (task 0) becomes task 1
     c, d = PCD(tau=0.2), PCD(tau=0.2, primary=1)
     for jac in jacs:
-        torch.testing.assert_close(c(jac), d(jac[perm]), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(c.last_weights[perm], d.last_weights, rtol=1e-12, atol=1e-12)
+        first, moved = c.aggregate(jac), d.aggregate(jac[perm])
+        torch.testing.assert_close(first.direction, moved.direction, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(first.weights[perm], moved.weights, rtol=1e-12, atol=1e-12)
 
 
 def test_moving_average_of_squared_norms() -> None:

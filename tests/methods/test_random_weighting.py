@@ -132,7 +132,7 @@ def test_arguments():
     with pytest.raises(ConfigError, match="'rlw'"):
         methods.get("rlw", distribution="gaussian")
     method = methods.get("rlw", distribution="dirichlet", generator=3)
-    assert isinstance(method, RLW) and method.stochastic
+    assert isinstance(method, RLW)
     assert repr(method) == "RLW(distribution='dirichlet', generator=3)"
     with pytest.raises(RuntimeError, match="setup"):
         RLW().draw()

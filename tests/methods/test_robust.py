@@ -29,12 +29,13 @@ def test_trimmed_mean_matches_numpy(jac: torch.Tensor, t: int) -> None:
     m = jac.shape[0]
     t = min(t, (m - 1) // 2)
     method = TrimmedMean(trim_number=t)
-    got = method(jac)
+    decision = method.aggregate(jac)
+    got = decision.direction
     expected = numpy_trimmed_mean(jac.double().numpy(), t)
     scale = float(jac.abs().max()) or 1.0
     eps = 1e-6 if jac.dtype == torch.float32 else 1e-13
     np.testing.assert_allclose(got.double().numpy(), expected, rtol=0, atol=eps * scale)
-    assert got.dtype == jac.dtype and method.last_weights is None
+    assert got.dtype == jac.dtype and decision.weights is None
     perm = torch.randperm(m, generator=torch.Generator().manual_seed(m))
     assert torch.equal(method(jac[perm]), got)  # the sort makes it exactly order-free
 
@@ -101,11 +102,11 @@ def test_krum_matches_brute_force(m: int, n: int, seed: int, f: int, k: int, sco
     f, k = min(f, m - 3), min(k, m)
     jac = make_jacobian(seed, m, n)
     method = Krum(n_byzantine=f, n_selected=k, score=score)
-    d = method(jac)
+    decision = method.aggregate(jac)
     expected = brute_force_scores(jac.numpy(), f, squared=score == "squared")
     scale = float(np.abs(expected).max()) or 1.0
     np.testing.assert_allclose(method.last_scores.numpy(), expected, rtol=1e-9, atol=1e-9 * scale)
-    weights = method.last_weights.numpy()
+    weights = decision.weights.numpy()
     chosen = np.flatnonzero(weights)
     assert len(chosen) == k and np.all(weights[chosen] == 1.0 / k)
     # the k lowest scores (exact ties, e.g. on a line, may be broken either way by rounding)
@@ -114,7 +115,7 @@ def test_krum_matches_brute_force(m: int, n: int, seed: int, f: int, k: int, sco
     )
     if len(set(np.round(expected / scale, 6))) == m:  # no near-ties: the very same selection
         assert set(chosen) == set(np.argsort(expected, kind="stable")[:k])
-    torch.testing.assert_close(d, method.last_weights @ jac, rtol=0, atol=0)
+    torch.testing.assert_close(decision.direction, decision.weights @ jac, rtol=0, atol=0)
 
 
 def test_krum_picks_an_honest_gradient() -> None:

@@ -68,15 +68,16 @@ def test_ema_formula_is_exact_on_a_fixed_sequence(m: int, beta: float, init: str
     for k in range(1, 13):
         w = method.weights(gram)
         torch.testing.assert_close(w, closed_form(script, beta, k, init), rtol=1e-12, atol=1e-13)
-        assert method.last_weights is w and method.steps == k
+        assert torch.equal(method.smoothed, w) and method.steps == k
 
 
 @settings(max_examples=30, deadline=None)
 @given(jacobians(min_m=2, max_m=6))
 def test_beta_zero_is_the_inner_method(jac: Tensor) -> None:
     smoothed, plain = Smoothed("mgda", beta=0.0), MGDA()
-    assert torch.equal(smoothed(jac), plain(jac))
-    assert torch.equal(smoothed.last_weights, plain.last_weights)
+    got, expected = smoothed.aggregate(jac), plain.aggregate(jac)
+    assert torch.equal(got.direction, expected.direction)
+    assert torch.equal(got.weights, expected.weights)
 
 
 def test_fixed_inner_weights_are_left_unchanged() -> None:
@@ -91,19 +92,18 @@ def test_direction_is_smoothed_weights_times_jacobian_and_lags_behind() -> None:
     j2 = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=F64)  # MGDA: (4/5, 1/5)
     method = Smoothed(MGDA(), beta=0.5)
     method(j1)
-    d = method(j2)
+    decision = method.aggregate(j2)
     expected = torch.tensor([0.65, 0.35], dtype=F64)
-    torch.testing.assert_close(method.last_weights, expected, rtol=0, atol=1e-12)
-    torch.testing.assert_close(d, expected @ j2, rtol=0, atol=1e-12)
-    uniform = Smoothed(MGDA(), beta=0.5, init="uniform")
-    uniform(j2)
-    torch.testing.assert_close(uniform.last_weights, torch.tensor([0.65, 0.35], dtype=F64))
+    torch.testing.assert_close(decision.weights, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(decision.direction, expected @ j2, rtol=0, atol=1e-12)
+    uniform = Smoothed(MGDA(), beta=0.5, init="uniform").aggregate(j2)
+    torch.testing.assert_close(uniform.weights, torch.tensor([0.65, 0.35], dtype=F64))
 
 
 def test_state_dict_round_trip_with_a_stochastic_inner_method() -> None:
     jacs = [make_jacobian(s, 4, 3, "opposite") for s in range(8)]
     method = methods.get("cr_mogm", inner="pcgrad", inner_args={"generator": 3}, beta=0.7)
-    assert isinstance(method, CRMOGM) and isinstance(method.inner, PCGrad) and method.stochastic
+    assert isinstance(method, CRMOGM) and isinstance(method.inner, PCGrad)
     for jac in jacs[:4]:
         method(jac)
     state = method.state_dict()
@@ -120,7 +120,7 @@ def test_reset_restarts_the_average_and_the_inner_method() -> None:
     method = Smoothed(PCGrad(generator=1), beta=0.8)
     first = [method(jac) for jac in jacs]
     method.reset()
-    assert method.smoothed is None and method.steps == 0 and method.last_weights is None
+    assert method.smoothed is None and method.steps == 0
     assert all(torch.equal(d, method(jac)) for d, jac in zip(first, jacs))
 
 

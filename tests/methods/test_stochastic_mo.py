@@ -47,20 +47,20 @@ def test_modo_matches_libmtl_over_several_steps() -> None:
         first, second = extras(step)
         jac = make_jacobian(step, 3, 6)
         method.observe_extra([first, second])
-        d = method(jac)
+        decision = method.aggregate(jac)
         lam = libmtl_projection(lam - 0.05 * (first @ (second.T @ lam) + 0.1 * lam))
-        assert torch.allclose(method.last_weights, lam, atol=1e-12)
-        assert torch.allclose(d, lam @ jac, atol=1e-12)  # the step's own Jacobian
+        assert torch.allclose(decision.weights, lam, atol=1e-12)
+        assert torch.allclose(decision.direction, lam @ jac, atol=1e-12)  # the step's own Jacobian
 
 
 def test_modo_one_step_closed_form() -> None:
     method = MoDo(gamma=0.1, rho=0.0)
     method.observe_extra([torch.eye(2, dtype=F64), torch.diag(torch.tensor([1.0, 4.0], dtype=F64))])
     jac = torch.tensor([[1.0, 2.0], [3.0, -1.0]], dtype=F64)
-    d = method(jac)
+    decision = method.aggregate(jac)
     # (½, ½) - 0.1 (½, 2) = (0.45, 0.3), projected: + 0.125 each
-    assert torch.allclose(method.last_weights, torch.tensor([0.575, 0.425], dtype=F64))
-    assert torch.allclose(d, 0.575 * jac[0] + 0.425 * jac[1])
+    assert torch.allclose(decision.weights, torch.tensor([0.575, 0.425], dtype=F64))
+    assert torch.allclose(decision.direction, 0.575 * jac[0] + 0.425 * jac[1])
 
 
 @settings(max_examples=40, deadline=None)
@@ -127,12 +127,12 @@ def test_sdmgrad_matches_libmtl_over_several_steps() -> None:
         first, second = extras(step)
         jac = make_jacobian(step, 3, 6)
         method.observe_extra([first, second])
-        d = method(jac)
+        decision = method.aggregate(jac)
         w, expected = libmtl_sdmgrad(w, jac, first, second, 0.3, 20)
         # LibMTL adds 1e-8 to the scale²: a relative difference of 1e-8 / scale²
         assert torch.allclose(method.lambdas, w, atol=1e-7)
-        assert torch.allclose(d, expected, atol=1e-7 * float(jac.norm()))
-        assert torch.allclose(method.last_weights, (w + 0.1) / 1.3, atol=1e-7)
+        assert torch.allclose(decision.direction, expected, atol=1e-7 * float(jac.norm()))
+        assert torch.allclose(decision.weights, (w + 0.1) / 1.3, atol=1e-7)
 
 
 def test_sdmgrad_limits() -> None:

@@ -58,7 +58,8 @@ def test_moco_matches_reference(kwargs, normalize: bool, soft: bool) -> None:
     jacobians = [make_jacobian(k, 3, 5) for k in range(6)]
     losses = torch.tensor([0.5, 2.0, 1.5], dtype=F64)
     method = MoCo(**kwargs)
-    got = [method(jac, losses) for jac in jacobians]
+    decisions = [method.aggregate(jac, losses) for jac in jacobians]
+    got = [decision.direction for decision in decisions]
     settings = {"beta": 0.5, "beta_sigma": 0.5, "gamma": 0.1, "gamma_sigma": 0.5, "rho": 0.0}
     settings.update({k: v for k, v in kwargs.items() if k in settings})
     expected, y, lam = reference_moco(jacobians, losses, **settings, normalize=normalize, soft=soft)
@@ -66,7 +67,7 @@ def test_moco_matches_reference(kwargs, normalize: bool, soft: bool) -> None:
         assert torch.allclose(d, e, atol=1e-12)
     assert torch.allclose(method.tracked, y, atol=1e-12)
     assert torch.allclose(method.lambdas, lam, atol=1e-12)
-    assert int(method.step) == 6 and method.last_weights is None
+    assert int(method.step) == 6 and all(decision.weights is None for decision in decisions)
 
 
 def test_moco_first_step_closed_form() -> None:
@@ -195,10 +196,8 @@ def test_engine_parameter_route(make) -> None:
 def test_db_mtl_heads_descend_the_log_losses() -> None:
     """The paper's heads take ∇ log L_i = ∇L_i / L_i: head weights 1 / L (none for log inputs)."""
     jac, losses = make_jacobian(4, 3, 6), torch.tensor([0.5, 2.0, 8.0], dtype=F64)
-    method = DBMTL()
-    method(jac, losses)
-    torch.testing.assert_close(method.head_weights, 1.0 / losses, rtol=0, atol=0)
-    assert method.last_weights is None
-    raw = DBMTL(log_losses=False)
-    raw(jac, losses.log())
+    decision = DBMTL().aggregate(jac, losses)
+    torch.testing.assert_close(decision.head_weights, 1.0 / losses, rtol=0, atol=0)
+    assert decision.weights is None
+    raw = DBMTL(log_losses=False).aggregate(jac, losses.log())
     assert raw.head_weights is None

@@ -293,5 +293,5 @@ def test_engine_on_a_tiny_model_with_two_tasks():
     model = tiny_hps(num_tasks=2)
     x = torch.randn(4, 5, dtype=F64)
     y = torch.randn(4, 2, dtype=F64)
-    weights = mtlkit.backward(task_losses(model, x, y), method=GLS())
+    weights = mtlkit.backward(task_losses(model, x, y), method=GLS()).weights
     assert weights.shape == (2,)

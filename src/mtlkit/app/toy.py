@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import math
 import re
 import time
@@ -46,9 +47,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtlkit.engine.backward import backward, jacobian
 from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.methods import METHODS, Method
+from mtlkit.training.step import Step
 
 STARTS: tuple[tuple[float, float], ...] = (
     (-8.5, 7.5),
@@ -200,9 +201,11 @@ def run_method(
     method (the error is in the result). An instance instead of a name is used as it is (set up
     for two tasks, not reset).
 
-    Each step: ``before_step``; ``prepare`` (bilevel methods); ``zero_grad``; the losses; the
-    extra Jacobians (same as this step's); ``mtlkit.backward(losses, shared=[x], method=m)``;
-    ``Adam.step``; ``after_step`` (with the losses after the step if the method asks).
+    Each step is one call of the step driver (:class:`mtlkit.Step`, the protocol every loop
+    runs): ``before_step``; ``prepare`` (bilevel methods); ``zero_grad``; the losses; the extra
+    Jacobians (the toy has no batches: an extra batch gives this step's losses again); the
+    backward on ``x``; ``Adam.step``; ``after_step`` (with the losses after the step if the
+    method asks).
 
     Args:
         name: a registered method name, or a method instance.
@@ -238,12 +241,13 @@ def run_method(
             if own:
                 groups.append({"params": own, "lr": method_lr})
             optimizer = torch.optim.Adam(groups)
-            step_fn = _stepper(method, optimizer, x, scale, lr)
+            extra = itertools.repeat(None) if method.extra_batches else None
+            driver = Step(
+                method, optimizer, lambda _: toy_losses(x, scale), shared=[x], extra_batches=extra
+            )
             began = time.perf_counter()
             for step in range(steps):
-                step_fn(step)
-                optimizer.step()
-                _after_step(method, x, scale)
+                driver(None)
                 run.steps = step + 1
                 if run.steps % every == 0:
                     record[recorded] = x.detach()
@@ -264,43 +268,6 @@ def run_method(
         run.losses = (float(f1), float(f2))
         run.distance = front_distance(run.final or run.start)
     return run
-
-
-def _stepper(method: Method, optimizer: torch.optim.Optimizer, x: Tensor, scale: float, lr: float):
-    """The part of a step before ``optimizer.step()``, specialised once per run."""
-    needs_probe = bool(getattr(method, "needs_probe", False))
-    extra = int(method.extra_batches)
-
-    def step(index: int) -> None:
-        method.before_step(index)
-        if needs_probe:
-            from mtlkit.methods.base import StepProbe
-
-            method.prepare(
-                StepProbe(
-                    batch=None,
-                    extra=[None] * extra,
-                    parameters=[x],
-                    learning_rate=lr,
-                    compute=lambda _: torch.stack(toy_losses(x, scale)),
-                )
-            )
-        optimizer.zero_grad(set_to_none=True)
-        losses = list(toy_losses(x, scale))
-        if extra and not needs_probe:
-            jac = jacobian(losses, [x], retain_graph=True)
-            method.observe_extra([jac] * extra)
-        backward(losses, shared=[x], method=method)
-
-    return step
-
-
-def _after_step(method: Method, x: Tensor, scale: float) -> None:
-    if method.needs_losses_after:
-        with torch.no_grad():
-            method.after_step(torch.stack(toy_losses(x, scale)))
-    else:
-        method.after_step(None)
 
 
 def run_toy(

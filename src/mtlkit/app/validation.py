@@ -18,38 +18,29 @@ wrong, where, and what would be valid. The checks, in the order a run meets them
 3. **The data** (:func:`check_problem`): the tasks named by ``strategy_args.groups`` exist. The
    data set loaders check their root folder and layout themselves (a
    :class:`~mtlkit.errors.DatasetError` naming the missing path and the expected layout).
-4. **Model x data x method x strategy** (:func:`check_training`, called by
-   :meth:`mtlkit.Trainer.validate` from ``fit``, before the first step): multi-input data needs a
-   multi-input model and the other way round; each method is set up for the number of tasks it
-   will see (``num_tasks``, per group for ``Alternating``) and called once on a random
-   Jacobian or loss vector of that size (so Krum with 3 tasks, ``constant`` weights of the wrong
-   length, NGDiff with 3 tasks are refused before training); and one dry forward pass on the first
-   training batch (in ``eval`` mode, without gradients, the random state restored afterwards, so
-   the run is unchanged) checks that the model gives an output for every task, returns its shared
-   representation when ``rep_grad`` needs it, and that each task's loss accepts that output and
-   target (shape and dtype) and returns one number.
+4. **Model x data x method x strategy** (:func:`mtlkit.training.preflight.check_training`,
+   called by :meth:`mtlkit.Trainer.validate` from ``fit``, before the first step): input kinds,
+   every method run through the step driver on its number of tasks, one dry forward pass.
 
 The checks that the rest of mtlkit already does where the value is used stay there (the
 ``TrainConfig`` field types and ranges, registry argument names, the method x route checks in
-:func:`mtlkit.training.strategies.check_method`, the data set layouts).
+:func:`mtlkit.training.step.check_method`, the data set layouts).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import math
 import os
 import types
 import typing
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 
 from mtlkit.app.config import TrainConfig
 from mtlkit.errors import ConfigError, MtlkitError
@@ -61,14 +52,10 @@ __all__ = [
     "check_config",
     "check_device",
     "check_groups",
-    "check_methods",
     "check_out_dir",
     "check_problem",
     "check_resume",
-    "check_training",
-    "dry_forward",
     "matches_type",
-    "peek_first_batch",
 ]
 
 RESUMABLE_KEYS = frozenset(
@@ -95,6 +82,8 @@ which the checkpoint was taken with."""
 
 
 # --------------------------------------------------------------------------- the config alone
+
+
 def check_config(config: TrainConfig) -> None:
     """Checks of a config that need no data (see the module docstring, step 1).
 
@@ -302,7 +291,7 @@ def check_device(device: str) -> torch.device:
     Raises:
         ConfigError: saying what exists.
     """
-    from mtlkit.training.trainer import resolve_device
+    from mtlkit.training.devices import resolve_device
 
     try:
         return resolve_device(device)
@@ -353,6 +342,8 @@ def check_out_dir(out: str | Path) -> None:
 
 
 # ------------------------------------------------------------------------------ a resumed run
+
+
 def check_resume(saved: TrainConfig, config: TrainConfig, source: str = "the saved config") -> None:
     """A resumed run may only change :data:`RESUMABLE_KEYS` relative to its saved config (the
     run folder's ``config.yaml``, or the config its checkpoint records: ``source``).
@@ -376,6 +367,8 @@ def check_resume(saved: TrainConfig, config: TrainConfig, source: str = "the sav
 
 
 # -------------------------------------------------------------------------------- the data
+
+
 def check_problem(config: TrainConfig, task_names: Sequence[str]) -> None:
     """Checks of the config against the data set's tasks (after ``tasks=`` selection).
 
@@ -395,260 +388,3 @@ def check_problem(config: TrainConfig, task_names: Sequence[str]) -> None:
 
 
 # ------------------------------------------------------- model x data x method x strategy
-def check_training(trainer: Any, train: Iterable[Any]) -> None:
-    """The checks :meth:`mtlkit.Trainer.validate` runs before the first step (module docstring,
-    step 4): loader vs model input kind, every method on its number of tasks, one dry forward.
-
-    Raises:
-        ConfigError: naming the task, the shapes or the method at fault.
-    """
-    from mtlkit.data.multi_input import MultiInputLoader
-
-    multi_data = isinstance(train, (Mapping, MultiInputLoader))
-    model_name = type(trainer.model).__name__
-    if multi_data and not trainer.multi_input:
-        raise ConfigError(
-            f"the training data is multi-input (one loader per task), but {model_name} is a "
-            "single-input model (multi_input is false): build it with multi_input=True"
-        )
-    if trainer.multi_input and not multi_data:
-        raise ConfigError(
-            f"{model_name} is a multi-input model (one input per task, multi_input=True), but the "
-            "training data is one loader of (inputs, {task: target}) batches: give "
-            "{task: DataLoader} (or a MultiInputLoader), or build the model with multi_input=False"
-        )
-    check_methods(trainer.strategy.methods())
-    batch = peek_first_batch(train)
-    if batch is not None:
-        dry_forward(trainer, batch)
-
-
-def check_methods(methods: Sequence[nn.Module]) -> None:
-    """Call a copy of each (set-up) method once on a random problem of its number of tasks.
-
-    A method that cannot work with that many tasks raises ``ValueError`` (its convention), which
-    becomes a ConfigError now rather than at the first step. Methods that decide their update in
-    ``prepare`` (bilevel ones) are only set up, not called. The random draws use a private
-    generator and the global random state is restored.
-
-    Raises:
-        ConfigError: naming the method, the number of tasks and the method's reason.
-    """
-    from mtlkit.methods.base import GradientAggregator, LossWeighting
-
-    generator = torch.Generator().manual_seed(0)
-    for method in methods:
-        m = getattr(method, "num_tasks", None)
-        if not isinstance(m, int) or getattr(method, "needs_probe", False):
-            continue
-        trial = copy.deepcopy(method).cpu()
-        n = 6
-        try:
-            with _preserved_rng(torch.device("cpu")), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                trial.before_step(0)
-                losses = torch.rand(m, generator=generator, dtype=torch.float64) + 0.5
-                if isinstance(trial, GradientAggregator):
-                    trial = trial.double()
-                    if trial.extra_batches:
-                        trial.observe_extra(
-                            [
-                                torch.randn(m, n, generator=generator, dtype=torch.float64)
-                                for _ in range(trial.extra_batches)
-                            ]
-                        )
-                    jac = torch.randn(m, n, generator=generator, dtype=torch.float64)
-                    trial(jac, losses, blocks=[n])
-                elif isinstance(trial, LossWeighting):
-                    trial(losses.float())
-        except (ValueError, TypeError) as error:
-            raise ConfigError(
-                f"method {type(method).__name__} cannot run on {m} task(s): {error}"
-            ) from None
-
-
-@contextlib.contextmanager
-def _preserved_rng(device: torch.device) -> Iterator[None]:
-    """Restore the global CPU (and CUDA) random state on exit."""
-    cpu = torch.get_rng_state()
-    cuda = (
-        torch.cuda.get_rng_state(device)
-        if device.type == "cuda" and torch.cuda.is_available()
-        else None
-    )
-    try:
-        yield
-    finally:
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
-
-
-def peek_first_batch(train: Iterable[Any]) -> Any:
-    """The first batch of ``train`` without changing the run: the loaders' shuffling generators
-    and the global random state are restored afterwards, so the epoch then starts exactly as it
-    would have. ``None`` for a one-shot iterator (peeking would lose the batch) or empty data.
-    """
-    if isinstance(train, Iterator) or not isinstance(train, Iterable):
-        return None  # a one-shot iterator: peeking would consume its first batch
-    gens = _generators(train)
-    states = [g.get_state() for g in gens]
-    with _preserved_rng(torch.device("cpu")):
-        try:
-            batch = next(iter(train), None)
-        finally:
-            for gen, state in zip(gens, states):
-                gen.set_state(state)
-    return batch
-
-
-_LOADER_PARTS = ("generator", "sampler", "batch_sampler", "loader", "loaders")
-
-
-def _generators(obj: Any, depth: int = 0, found: dict[int, torch.Generator] | None = None):
-    """Every ``torch.Generator`` a loader draws from: its own, its samplers', and those of the
-    loaders it wraps (multi-input, sharded), each once."""
-    found = {} if found is None else found
-    if isinstance(obj, torch.Generator):
-        found.setdefault(id(obj), obj)
-    elif depth < 6 and obj is not None:
-        items = obj.values() if isinstance(obj, Mapping) else None
-        if items is not None:
-            for item in items:
-                _generators(item, depth + 1, found)
-        else:
-            for name in _LOADER_PARTS:
-                part = getattr(obj, name, None) if not isinstance(obj, Tensor) else None
-                if part is not None and part is not obj:
-                    _generators(part, depth + 1, found)
-    return list(found.values())
-
-
-def dry_forward(trainer: Any, batch: Any) -> None:
-    """One forward pass on ``batch`` (eval mode, no gradients, random state restored) checking
-    outputs and losses per task.
-
-    Raises:
-        ConfigError: the model fails on the batch, misses a task's output, does not give its
-            shared representation for ``rep_grad``, or a task's loss rejects the output and
-            target (their shapes and dtypes are named) or does not return one number.
-    """
-    from mtlkit.training.trainer import model_hook, to_device
-
-    model = trainer.model
-    name = type(model).__name__
-    batch = to_device(batch, trainer.device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), _preserved_rng(trainer.device):
-            if trainer.multi_input:
-                if not isinstance(batch, Mapping):
-                    raise ConfigError(
-                        f"multi-input batches must be {{task: (inputs, target)}}, got "
-                        f"{type(batch).__name__}"
-                    )
-                for task in trainer.task_names:
-                    if task not in batch:
-                        raise ConfigError(
-                            f"the multi-input training data has no loader for task {task!r} "
-                            f"(it has {', '.join(map(str, batch))})"
-                        )
-                    inputs, target = _pair(batch[task], f"the batch of task {task!r}")
-                    outputs = _forward(trainer, inputs, name, task=task)
-                    _check_task(trainer, task, outputs, target)
-            else:
-                inputs, targets = _pair(batch, "a training batch")
-                if not isinstance(targets, Mapping):
-                    raise ConfigError(
-                        "single-input batches must be (inputs, {task: target}); the targets are "
-                        f"a {type(targets).__name__}"
-                    )
-                outputs = _forward(trainer, inputs, name)
-                for task in trainer.task_names:
-                    if task not in targets:
-                        raise ConfigError(
-                            f"the training data has no target for task {task!r} (targets: "
-                            f"{', '.join(map(str, targets))})"
-                        )
-                    _check_task(trainer, task, outputs, targets[task])
-            model_hook(model, "auxiliary_losses")  # forget what the dry pass may have left
-    finally:
-        model.train(was_training)
-
-
-def _pair(batch: Any, what: str) -> tuple[Any, Any]:
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise ConfigError(f"{what} must be a pair (inputs, targets), got {_describe(batch)}")
-    return batch[0], batch[1]
-
-
-def _forward(trainer: Any, inputs: Any, name: str, task: str | None = None) -> Mapping[str, Any]:
-    kwargs: dict[str, Any] = {} if task is None else {"task": task}
-    if trainer.rep_grad:
-        kwargs["return_features"] = True
-    try:
-        result = trainer.model(inputs, **kwargs)
-    except MtlkitError:
-        raise
-    except (RuntimeError, ValueError, TypeError, IndexError) as error:
-        where = f" (task {task!r})" if task is not None else ""
-        raise ConfigError(
-            f"{name} cannot process a training batch{where}: inputs {_describe(inputs)}; "
-            f"{type(error).__name__}: {_first_line(error)}"
-        ) from None
-    if trainer.rep_grad:
-        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Tensor)):
-            raise ConfigError(
-                f"rep_grad needs {name}(x, return_features=True) to return (outputs, features); "
-                f"it returned {_describe(result)}"
-            )
-        result = result[0]
-    if not isinstance(result, Mapping):
-        raise ConfigError(f"{name} must return {{task: output}}, returned {_describe(result)}")
-    return result
-
-
-def _check_task(trainer: Any, task: str, outputs: Mapping[str, Any], target: Any) -> None:
-    if task not in outputs:
-        raise ConfigError(
-            f"{type(trainer.model).__name__} gives no output for task {task!r} "
-            f"(outputs: {', '.join(map(str, outputs)) or 'none'})"
-        )
-    output = outputs[task]
-    spec = trainer.by_name[task]
-    loss_name = getattr(spec.loss, "__name__", type(spec.loss).__name__)
-    try:
-        loss = spec.loss(output, target)
-    except MtlkitError as error:
-        raise ConfigError(f"task {task!r}: {error}") from None
-    except (RuntimeError, ValueError, TypeError, IndexError) as error:
-        raise ConfigError(
-            f"task {task!r}: its loss {loss_name} cannot take the model's output "
-            f"{_describe(output)} with the target {_describe(target)} "
-            f"({type(error).__name__}: {_first_line(error)}); the architecture's head for "
-            f"{task!r} does not fit this task (e.g. a dense backbone such as segnet on a "
-            "classification task)"
-        ) from None
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
-        raise ConfigError(
-            f"task {task!r}: its loss {loss_name} must return one number, returned "
-            f"{_describe(loss)}"
-        )
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, Tensor):
-        return f"tensor of shape {list(value.shape)} ({str(value.dtype).replace('torch.', '')})"
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, (list, tuple)):
-        inner = ", ".join(_describe(v) for v in value[:4])
-        more = ", ..." if len(value) > 4 else ""
-        return f"{type(value).__name__} ({inner}{more})"
-    return type(value).__name__
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

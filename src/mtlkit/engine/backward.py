@@ -1,192 +1,44 @@
-"""Per-task gradients: the Jacobian and Gramian of task losses, and the multi-task ``backward``.
+"""The multi-task ``backward``: fill ``.grad`` from m task losses and a method.
 
-``jacobian(losses, inputs)`` stacks the gradients of m scalar losses w.r.t. a list of tensors
-(flattened and concatenated in order) into a ``[m, n]`` matrix; ``gramian`` returns ``J Jᵀ``.
 ``backward(losses, shared, method)`` fills ``.grad`` like ``Tensor.backward``: the shared
 tensors receive the method's combined direction, every other leaf the gradient of
 ``Σ_i w_i L_i`` (``w`` the method's task weights where it has them, 1 otherwise). With
 ``features=z`` the Jacobian is taken w.r.t. the shared representation ``z`` instead (the
 "rep_grad" of LibMTL): much cheaper, since only the task heads are differentiated m times.
+With ``capture=`` (a :class:`~mtlkit.engine.layer_capture.LayerCapture`) a Gramian weighting
+gets ``J Jᵀ`` layer by layer and ``J`` is never formed.
 
-Routes for the Jacobian: a loop of ``torch.autograd.grad`` calls, one per task, or one batched
-backward (``is_grads_batched``, vmap over the cotangents). ``route="auto"`` picks by measurement
-(:func:`choose_route`; ``benchmarks/bench_engine.py`` re-measures both side by side).
+The method is known only by its contract (:mod:`mtlkit.engine.contract`); what it decided comes
+back as a :class:`~mtlkit.engine.contract.Decision`. :func:`backward` is one call of the method:
+it refuses a method that depends on more of the step protocol (hooks before or after the
+optimizer step, extra batches, epoch ends), which :class:`mtlkit.Step` runs;
+:func:`method_backward` is the same engine without that check, for the step driver.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from mtlkit.engine.contract import Decision, Reducer
+from mtlkit.engine.jacobian import (
+    Inputs,
+    Losses,
+    Route,
+    as_tensor_list,
+    graph_leaves,
+    jacobian,
+    loss_list,
+)
 from mtlkit.engine.layer_capture import LayerCapture
-from mtlkit.errors import NonFiniteError
-from mtlkit.methods.base import GradientAggregator, GramianWeighting, LossWeighting, Method
+from mtlkit.errors import ConfigError, NonFiniteError
 
-if TYPE_CHECKING:
-    from mtlkit.parallel.ddp import Reducer
-
-Route = Literal["auto", "loop", "batched"]
 StepRoute = Literal["auto", "loop", "batched", "gramian"]
 """Routes of a training step: the Jacobian routes, or ``"gramian"`` (the layer-wise Gramian of
 :mod:`mtlkit.engine.layer_capture`, for Gramian weightings on the parameter route)."""
-Losses = Sequence[Tensor] | Tensor
-Inputs = Tensor | Iterable[Tensor]
-
-
-def loss_list(losses: Losses) -> list[Tensor]:
-    """The task losses as a list of scalar tensors (checked).
-
-    A Jacobian row is taken from each scalar itself, not from a stacked tensor: differentiating
-    ``torch.stack(losses)[i]`` would send zero cotangents through every other task's graph, which
-    makes a loop over m tasks cost m² head backwards. So pass a list where you can; a ``[m]``
-    tensor is accepted (and unbound), at that cost.
-    """
-    if isinstance(losses, Tensor):
-        if losses.dim() != 1 or losses.numel() == 0:
-            raise ValueError(f"losses must be a 1-D tensor [m], got shape {tuple(losses.shape)}")
-        return list(losses.unbind())
-    losses = list(losses)
-    if not losses:
-        raise ValueError("losses is empty: give one scalar loss per task")
-    for i, loss in enumerate(losses):
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise ValueError(f"loss {i} must be a scalar tensor, got {shape}")
-    return [loss if loss.dim() == 0 else loss.reshape(()) for loss in losses]
-
-
-def _as_list(inputs: Inputs, what: str) -> list[Tensor]:
-    tensors = [inputs] if isinstance(inputs, Tensor) else list(inputs)
-    if not tensors:
-        raise ValueError(f"{what} is empty")
-    for i, t in enumerate(tensors):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{what}[{i}] is a {type(t).__name__}, expected a tensor")
-        if not t.requires_grad:
-            raise ValueError(f"{what}[{i}] (shape {tuple(t.shape)}) does not require grad")
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) > 1:
-        raise ValueError(f"{what} mix dtypes {sorted(map(str, dtypes))}; use one dtype")
-    return tensors
-
-
-def _rows_per_chunk(m: int, n: int, itemsize: int, max_memory: int | None) -> int:
-    """How many Jacobian rows a batched backward may compute at once under ``max_memory``."""
-    if max_memory is None:
-        return m
-    if max_memory <= 0:
-        raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory}")
-    return max(1, min(m, max_memory // max(1, n * itemsize)))
-
-
-def graph_leaves(losses: Tensor) -> list[Tensor]:
-    """The leaf tensors (``requires_grad``, no ``grad_fn``) that ``losses`` depends on, in a
-    deterministic order: those ``Tensor.backward`` would accumulate ``.grad`` into."""
-    leaves: dict[int, Tensor] = {}
-    seen: set[object] = set()
-    stack = [losses.grad_fn] if losses.grad_fn is not None else []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            leaves.setdefault(id(variable), variable)
-        stack.extend(next_fn for next_fn, _ in node.next_functions)
-    return list(leaves.values())
-
-
-def choose_route(num_tasks: int, n: int) -> Literal["loop", "batched"]:
-    """The measured-fastest route: the loop, for every model measured with torch 2.13 on
-    2 CPU cores (``benchmarks/bench_engine.py``): batched ÷ loop was 0.99-1.14 for an MLP
-    784-512-512-256 at m = 2-10 tasks and 1.75 at m = 40, 1.07-1.9 for a 3-layer CNN, because
-    the batched route runs the losses' backward kernels through slow vmap fallbacks."""
-    del num_tasks, n
-    return "loop"
-
-
-def jacobian(
-    losses: Losses,
-    inputs: Inputs,
-    *,
-    route: Route = "auto",
-    max_memory: int | None = None,
-    retain_graph: bool = True,
-) -> Tensor:
-    """The Jacobian ``[m, n]`` of m scalar losses w.r.t. ``inputs``.
-
-    Row ``i`` is the gradient of ``losses[i]`` w.r.t. all inputs, flattened and concatenated in
-    order. Inputs that a loss does not reach get zeros.
-
-    Args:
-        losses: m scalar tensors, or a ``[m]`` tensor.
-        inputs: tensors that require grad (parameters or intermediate features).
-        route: ``"loop"`` (one ``autograd.grad`` per loss), ``"batched"`` (``is_grads_batched``)
-            or ``"auto"`` (the measured-fastest for the graph).
-        max_memory: bytes the batched route may use for the rows it computes at once; it then
-            splits the tasks into chunks. ``None``: no cap.
-        retain_graph: keep the graph for a later backward (default true).
-    """
-    scalars = loss_list(losses)
-    tensors = _as_list(inputs, "inputs")
-    m, n = len(scalars), sum(t.numel() for t in tensors)
-    if route == "auto":
-        route = choose_route(m, n)
-    if route not in ("loop", "batched"):
-        raise ValueError(f"unknown route {route!r}; valid routes: auto, loop, batched")
-    out = torch.empty(m, n, dtype=tensors[0].dtype, device=tensors[0].device)
-    if route == "loop":
-        for i in range(m):
-            keep = retain_graph or i < m - 1
-            grads = torch.autograd.grad(scalars[i], tensors, retain_graph=keep, allow_unused=True)
-            _write_rows(out[i : i + 1], grads, tensors)
-        return out
-    chunk = _rows_per_chunk(m, n, out.element_size(), max_memory)
-    stacked = torch.stack(scalars)
-    eye = torch.eye(m, dtype=stacked.dtype, device=stacked.device)
-    for start in range(0, m, chunk):
-        stop = min(m, start + chunk)
-        keep = retain_graph or stop < m
-        grads = torch.autograd.grad(
-            stacked,
-            tensors,
-            grad_outputs=eye[start:stop],
-            retain_graph=keep,
-            allow_unused=True,
-            is_grads_batched=True,
-        )
-        _write_rows(out[start:stop], grads, tensors)
-    return out
-
-
-def _write_rows(rows: Tensor, grads: Sequence[Tensor | None], tensors: Sequence[Tensor]) -> None:
-    """Copy per-input gradients (each ``[k, *shape]`` or ``[*shape]``) into ``rows [k, n]``."""
-    offset = 0
-    for grad, tensor in zip(grads, tensors):
-        size = tensor.numel()
-        block = rows[:, offset : offset + size]
-        if grad is None:
-            block.zero_()
-        else:
-            block.copy_(grad.reshape(rows.shape[0], size))
-        offset += size
-
-
-def gramian(
-    losses: Losses,
-    inputs: Inputs,
-    *,
-    route: Route = "auto",
-    max_memory: int | None = None,
-    retain_graph: bool = True,
-) -> Tensor:
-    """The Gramian ``J Jᵀ`` (``[m, m]``) of the Jacobian of ``losses`` w.r.t. ``inputs``."""
-    jac = jacobian(losses, inputs, route=route, max_memory=max_memory, retain_graph=retain_graph)
-    return jac @ jac.T
 
 
 def check_finite(losses: Tensor) -> None:
@@ -200,7 +52,7 @@ def check_finite(losses: Tensor) -> None:
 def backward(
     losses: Losses,
     shared: Inputs | None = None,
-    method: Method | None = None,
+    method: Any = None,
     features: Inputs | None = None,
     *,
     route: Route = "auto",
@@ -208,7 +60,7 @@ def backward(
     retain_graph: bool = False,
     capture: LayerCapture | None = None,
     reducer: Reducer | None = None,
-) -> Tensor | None:
+) -> Decision:
     """Multi-task backward: fill ``.grad`` (accumulating, like ``Tensor.backward``).
 
     * A loss weighting (or ``method=None``, equal weights): one backward of
@@ -242,22 +94,70 @@ def backward(
             parameter-route Gramian needs the all-reduced Jacobian).
 
     Returns:
-        The task weights the method used (detached, ``[m]``), or ``None`` for an aggregator
-        that has no weights.
+        What the method decided: its task weights (detached, ``[m]``; ``None`` for an aggregator
+        that has none), head weights and solver status (:class:`~mtlkit.engine.contract.Decision`).
+
+    Raises:
+        ConfigError: if the method depends on more of the step protocol than one call
+            (``method.protocol()``: FAMO's losses after the step, DWA's epoch ends, the bilevel
+            methods' probes, extra batches, ...): use :class:`mtlkit.Step`, which runs it all.
     """
+    refuse_protocol(method)
+    return method_backward(
+        losses,
+        shared,
+        method,
+        features,
+        route=route,
+        max_memory=max_memory,
+        retain_graph=retain_graph,
+        capture=capture,
+        reducer=reducer,
+    )
+
+
+def refuse_protocol(method: Any) -> None:
+    """Raise a ConfigError if ``method`` needs more of the step protocol than one call."""
+    needs = () if method is None else tuple(method.protocol())
+    if needs:
+        name = type(method).__name__
+        raise ConfigError(
+            f"{name} depends on {', '.join(needs)} of the step protocol, which "
+            f"mtlkit.backward cannot run (it sees one step's losses only): use "
+            f"step = mtlkit.Step({name}(...), optimizer, loss_fn, shared=...) and call "
+            "step(batch) per batch and step.end_epoch() per epoch (README, 'Use it in your own "
+            "loop')"
+        )
+
+
+def method_backward(
+    losses: Losses,
+    shared: Inputs | None = None,
+    method: Any = None,
+    features: Inputs | None = None,
+    *,
+    route: Route = "auto",
+    max_memory: int | None = None,
+    retain_graph: bool = False,
+    capture: LayerCapture | None = None,
+    reducer: Reducer | None = None,
+) -> Decision:
+    """:func:`backward` without the protocol check: the caller (the step driver) runs the
+    method's hooks."""
     scalars = loss_list(losses)
     stacked = torch.stack(scalars)
     check_finite(stacked)
-    if method is None or isinstance(method, LossWeighting):
+    kind = "loss" if method is None else getattr(method, "kind", None)
+    if kind == "loss":
         if method is None:
             weights = torch.ones_like(stacked).detach()
             total = stacked.sum()
         else:
-            decision = method(stacked)
-            weights, total = decision.weights, decision.total(stacked)
+            weighted = method(stacked)
+            weights, total = weighted.weights, weighted.total(stacked)
         total.backward(retain_graph=retain_graph)
-        return weights.detach()
-    if not isinstance(method, GradientAggregator):
+        return Decision(weights=weights.detach())
+    if kind != "gradient":
         raise TypeError(f"method must be a LossWeighting or a GradientAggregator, got {method!r}")
     if capture is not None:
         if reducer is not None and not reducer.passthrough:
@@ -267,7 +167,8 @@ def backward(
                 "between processes that only the all-reduced Jacobian gives; use the Jacobian "
                 "route (route=auto, loop or batched) or the features route"
             )
-        if not isinstance(method, GramianWeighting) or features is not None or shared is None:
+        gramian_based = getattr(method, "gramian_weighting", False)
+        if not gramian_based or features is not None or shared is None:
             raise ValueError(
                 "capture= (the Gramian route) needs a GramianWeighting method on the parameter "
                 f"route (shared=..., no features=); got {type(method).__name__}"
@@ -290,105 +191,109 @@ def backward(
 def _aggregate_shared(
     scalars: list[Tensor],
     shared: Inputs,
-    method: GradientAggregator,
+    method: Any,
     route: Route,
     max_memory: int | None,
     retain_graph: bool,
     reducer: Reducer | None = None,
-) -> Tensor | None:
+) -> Decision:
     losses = torch.stack(scalars)
-    params = _as_list(shared, "shared")
+    params = as_tensor_list(shared, "shared")
     shared_ids = {id(p) for p in params}
     others = [leaf for leaf in graph_leaves(losses) if id(leaf) not in shared_ids]
     jac = jacobian(scalars, params, route=route, max_memory=max_memory, retain_graph=True)
-    method.last_weights = method.head_weights = None
-    direction = _direction(method, jac, losses.detach(), params, reducer, features=False)
-    weights = method.last_weights
+    decision = _decide(method, jac, losses.detach(), params, reducer, features=False)
     if others:
-        combine, _ = _head_weights(method, losses)
-        torch.autograd.backward(
-            (combine.detach() * losses).sum(), inputs=others, retain_graph=retain_graph
-        )
-    _accumulate(params, direction)
-    return None if weights is None else weights.detach()
+        combine, _ = _head_weights(decision, losses)
+        torch.autograd.backward((combine * losses).sum(), inputs=others, retain_graph=retain_graph)
+    _accumulate(params, decision.direction)
+    return _detached(decision)
 
 
 def _aggregate_gramian(
     scalars: list[Tensor],
     shared: Inputs,
-    method: GramianWeighting,
+    method: Any,
     capture: LayerCapture,
     retain_graph: bool,
-) -> Tensor:
+) -> Decision:
     losses = torch.stack(scalars)
-    params = _as_list(shared, "shared")
+    params = as_tensor_list(shared, "shared")
     shared_ids = {id(p) for p in params}
     others = [leaf for leaf in graph_leaves(losses) if id(leaf) not in shared_ids]
     gradients = capture.task_gradients(scalars, params)
-    method.last_weights = method.head_weights = None
-    weights = method.weights(gradients.gramian, losses.detach()).to(losses.dtype).detach()
-    method.last_weights = weights
+    decision = method.decide(gradients.gramian, losses.detach())
+    weights = decision.weights.to(losses.dtype).detach()
     if others:
-        combine, _ = _head_weights(method, losses)
+        combine, _ = _head_weights(decision, losses)
         torch.autograd.backward((combine * losses).sum(), inputs=others, retain_graph=retain_graph)
     gradients.accumulate(weights)
-    return weights
+    return _detached(decision)
 
 
 def _aggregate_features(
     scalars: list[Tensor],
     features: Inputs,
-    method: GradientAggregator,
+    method: Any,
     route: Route,
     max_memory: int | None,
     retain_graph: bool,
     reducer: Reducer | None = None,
-) -> Tensor | None:
+) -> Decision:
     losses = torch.stack(scalars)
-    reps = _as_list(features, "features")
+    reps = as_tensor_list(features, "features")
     jac = jacobian(scalars, reps, route=route, max_memory=max_memory, retain_graph=True)
-    method.last_weights = method.head_weights = None
-    direction = _direction(method, jac, losses.detach(), reps, reducer, features=True)
-    weights = method.last_weights
-    combine, exact = _head_weights(method, losses)
+    decision = _decide(method, jac, losses.detach(), reps, reducer, features=True)
+    combine, exact = _head_weights(decision, losses)
     roots, grads = [(combine * losses).sum()], [None]
     if not exact:
         # The weighted sum sends Σ_i c_i J_i to z; add what makes it the method's direction.
-        correction = direction - combine.to(jac.dtype) @ jac
+        correction = decision.direction - combine.to(jac.dtype) @ jac
         offset = 0
         for rep in reps:
             roots.append(rep)
             grads.append(correction[offset : offset + rep.numel()].view_as(rep))
             offset += rep.numel()
     torch.autograd.backward(roots, grad_tensors=grads, retain_graph=retain_graph)
-    return None if weights is None else weights.detach()
+    return _detached(decision)
 
 
-def _head_weights(method: GradientAggregator, losses: Tensor) -> tuple[Tensor, bool]:
+def _head_weights(decision: Decision, losses: Tensor) -> tuple[Tensor, bool]:
     """The weights of the task losses for the parameters that are not aggregated (the heads):
-    the method's ``head_weights`` if it set them, else its ``last_weights`` (the direction's),
+    the decision's ``head_weights`` if it has them, else its ``weights`` (the direction's),
     else ones (``Σ_i ∇L_i``: each head gets its own task's gradient); and whether they are the
     direction's own weights."""
-    if method.head_weights is not None:
-        return method.head_weights.to(losses.dtype).detach(), False
-    if method.last_weights is not None:
-        return method.last_weights.to(losses.dtype).detach(), True
+    if decision.head_weights is not None:
+        return decision.head_weights.to(losses.dtype).detach(), False
+    if decision.weights is not None:
+        return decision.weights.to(losses.dtype).detach(), True
     return torch.ones_like(losses), False
 
 
-def _direction(
-    method: GradientAggregator,
+def _decide(
+    method: Any,
     jac: Tensor,
     losses: Tensor,
     inputs: Sequence[Tensor],
     reducer: Reducer | None,
     features: bool,
-) -> Tensor:
-    """``method(jac)``, or with a ``reducer`` this process's part of the global batch's direction
-    (:meth:`mtlkit.parallel.ddp.Reducer.aggregate`)."""
+) -> Decision:
+    """``method.aggregate(jac)``, or with a ``reducer`` the decision on the global batch with
+    this process's part of its direction (:meth:`mtlkit.parallel.ddp.Reducer.aggregate`)."""
     if reducer is None:
-        return method(jac, losses, blocks=[t.numel() for t in inputs])
-    return reducer.aggregate(method, jac, losses, inputs, features=features)
+        decision = method.aggregate(jac, losses, blocks=[t.numel() for t in inputs])
+    else:
+        decision = reducer.aggregate(method, jac, losses, inputs, features=features)
+    if decision.direction is None:
+        raise TypeError(f"{type(method).__name__}.aggregate returned a Decision without direction")
+    return decision
+
+
+def _detached(decision: Decision) -> Decision:
+    """The decision as the caller gets it: weights detached, no direction (it is in ``.grad``)."""
+    weights = None if decision.weights is None else decision.weights.detach()
+    heads = None if decision.head_weights is None else decision.head_weights.detach()
+    return Decision(weights=weights, head_weights=heads, status=decision.status)
 
 
 def _accumulate(tensors: Sequence[Tensor], direction: Tensor) -> None:

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from mtlkit.engine.jacobian import jacobian
 from mtlkit.errors import MtlkitError
 
 
@@ -270,8 +271,6 @@ def _add_kernel_gramian(
 
 def _verify(gram: Tensor, losses: Sequence[Tensor], shared: Sequence[Tensor]) -> None:
     """Raise unless ``gram`` equals ``J Jᵀ`` from the Jacobian route."""
-    from mtlkit.engine.backward import jacobian
-
     jac = jacobian(list(losses), list(shared), route="loop", retain_graph=True)
     reference = jac @ jac.T
     scale = float(reference.abs().max().clamp_min(torch.finfo(reference.dtype).tiny))

@@ -11,6 +11,7 @@ from typing import Any
 
 from mtlkit.methods.aligned import AlignedMTL
 from mtlkit.methods.base import (
+    Decision,
     GradientAggregator,
     GramianWeighting,
     LossWeighting,
@@ -81,6 +82,7 @@ __all__ = [
     "CAGrad",
     "ConFIG",
     "Constant",
+    "Decision",
     "DualProj",
     "ExcessMTL",
     "FairGrad",

@@ -96,5 +96,4 @@ class AlignedMTL(GramianWeighting):
             omega = np.asarray(self.task_weights)
         eps = float(torch.finfo(gramian.dtype).eps)
         weights = to_weights(balance_transformation(work, self.scale_mode, eps) @ omega, gramian)
-        self.last_weights = weights
         return weights

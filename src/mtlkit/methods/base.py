@@ -5,45 +5,49 @@
   log-variances) and an optional extra term. The update is the gradient of
   ``Σ_i w_i L_i + extra`` for every parameter.
 * A :class:`GradientAggregator` sees the Jacobian ``J`` (``[m, n]``) of the task losses w.r.t. the
-  shared parameters (or the shared features) and returns one direction ``[n]``. A
+  shared parameters (or the shared features); ``aggregate(J)`` returns a
+  :class:`~mtlkit.engine.contract.Decision` (the direction ``[n]``, the task weights when
+  ``direction = w @ J``, head weights, solver status) and ``method(J)`` the direction alone. A
   :class:`GramianWeighting` is an aggregator whose direction is ``w @ J`` with ``w`` a function of
-  the Gramian ``G = J Jᵀ`` only; it offers ``weights(G)`` so that the engine may skip the
-  Jacobian.
+  the Gramian ``G = J Jᵀ`` only; it offers ``weights(G)`` (and ``decide(G)``, the decision) so
+  that the engine may skip the Jacobian.
 
 All methods are ``nn.Module`` s: learnable state is returned by ``parameters()``, and all state
 (learnable or not) is saved by ``state_dict()`` (non-tensor state through
-``get_extra_state``/``set_extra_state``). The hooks below are the only way the trainer and the
-strategies talk to a method; there are no method-specific branches anywhere else.
+``get_extra_state``/``set_extra_state``). The engine and the step driver (:class:`mtlkit.Step`)
+call a method through its call (``forward``/``aggregate``/``decide``) and the hooks below, and
+read what it decided from the returned value; there are no method-specific branches anywhere
+else. ``protocol()`` says which hooks a method depends on, so that :func:`mtlkit.backward`
+(one call, no hooks) can refuse it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from mtlkit.engine.contract import Decision, SolverStatus, WeightedLoss
+from mtlkit.errors import NonFiniteError
 from mtlkit.methods.blas_threads import single_blas_thread
 
+__all__ = [
+    "HOOKS",
+    "Decision",
+    "GradientAggregator",
+    "GramianWeighting",
+    "LossWeighting",
+    "Method",
+    "SolverStatus",
+    "StepProbe",
+    "WeightedLoss",
+]
 
-@dataclass
-class WeightedLoss:
-    """What a loss weighting decides: task weights and an extra loss term.
-
-    Attributes:
-        weights: ``[m]``; may require grad (learnable weightings).
-        extra: a scalar added to ``Σ w_i L_i`` (e.g. UW's log-variance regulariser), or ``None``.
-    """
-
-    weights: Tensor
-    extra: Tensor | None = None
-
-    def total(self, losses: Tensor) -> Tensor:
-        """``Σ_i w_i L_i + extra``."""
-        total = (self.weights * losses).sum()
-        return total if self.extra is None else total + self.extra
+HOOKS = ("before_step", "prepare", "after_step", "on_epoch_end")
+"""The per-step and per-epoch hooks of the step protocol (:class:`mtlkit.Step` runs them)."""
 
 
 @dataclass
@@ -90,7 +94,9 @@ class Method(nn.Module):
     Class attributes:
         name: the registered snake_case name.
         kind: ``"loss"`` for loss weightings, ``"gradient"`` for gradient aggregators.
-        stochastic: whether the method draws random numbers (it then takes a ``generator``).
+        needs_losses: whether the method's decision depends on the task losses passed with the
+            Jacobian or Gramian (MGDA's loss normalisation, GradNorm's training rates); the
+            others must decide the same whatever losses they get (the contract test checks it).
         needs_losses_after: whether ``after_step`` needs the losses recomputed after the step
             (FAMO); a strategy then does one more forward pass on the same batch.
         needs_probe: whether ``prepare(probe)`` must be called before each step with a
@@ -103,7 +109,7 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     kind: ClassVar[Literal["loss", "gradient"]]
-    stochastic: ClassVar[bool] = False
+    needs_losses: ClassVar[bool] = False
     needs_losses_after: ClassVar[bool] = False
     needs_probe: ClassVar[bool] = False
     extra_batches: int = 0
@@ -137,6 +143,21 @@ class Method(nn.Module):
             if module is not self and isinstance(module, Method):
                 module.reset()
 
+    def protocol(self) -> tuple[str, ...]:
+        """The parts of the step protocol this method depends on beyond one call: the hooks of
+        :data:`HOOKS` its class overrides (or needs: ``prepare`` with ``needs_probe``,
+        ``after_step`` with ``needs_losses_after``), and ``"extra_batches"`` when it needs
+        independent batches. Empty for a method that one call of :func:`mtlkit.backward` runs
+        completely."""
+        needs = [h for h in HOOKS if getattr(type(self), h) is not getattr(Method, h)]
+        if self.needs_probe and "prepare" not in needs:
+            needs.append("prepare")
+        if self.needs_losses_after and "after_step" not in needs:
+            needs.append("after_step")
+        if self.extra_batches:
+            needs.append("extra_batches")
+        return tuple(needs)
+
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
 
@@ -157,7 +178,8 @@ class LossWeighting(Method):
 class GradientAggregator(Method):
     """A method that maps a Jacobian ``[m, n]`` to a direction ``[n]``.
 
-    ``forward(J, losses=None, blocks=None)`` returns the direction:
+    Subclasses implement ``aggregate(J, losses=None, blocks=None) -> Decision``; calling the
+    method returns the direction alone:
 
     * ``losses`` (``[m]``, detached) are the task losses, given by the engine for the methods
       that use them (MGDA's loss normalisation) and ignored by the others;
@@ -166,42 +188,43 @@ class GradientAggregator(Method):
       per feature tensor on the features route. Methods that work layer by layer (GradVac) use
       them; ``None`` means one block.
 
-    After each call, ``last_weights`` holds the task weights ``w`` such that the direction is
-    ``w @ J``, when the method has such weights, and ``None`` otherwise; the engine uses them
-    for the non-shared parameters (the heads get ``Σ_i w_i ∇L_i``, or ``Σ_i ∇L_i`` when
-    ``None``). A method whose paper gives the heads other weights than the direction's sets
-    ``head_weights`` (``[m]``) in the same call (DB-MTL: ``1 / L_i``, the gradient of
-    ``log L_i``); the engine clears both before each call.
+    The :class:`~mtlkit.engine.contract.Decision` holds the task ``weights`` ``w`` such that the
+    direction is ``w @ J``, when the method has such weights (``None`` otherwise); the engine
+    uses them for the non-shared parameters (the heads get ``Σ_i w_i ∇L_i``, or ``Σ_i ∇L_i``
+    without weights). A method whose paper gives the heads other weights than the direction's
+    returns ``head_weights`` (DB-MTL: ``1 / L_i``, the gradient of ``log L_i``).
 
     Methods that need the Jacobians of *independent* mini-batches (MoDo, SDMGrad) set
-    ``extra_batches`` to how many they need per step; before each ``forward`` the strategy (or
-    a user's own loop) computes the Jacobians of the same tasks w.r.t. the same shared
-    parameters on that many other batches and passes them to :meth:`observe_extra`.
+    ``extra_batches`` to how many they need per step; before each call the step driver computes
+    the Jacobians of the same tasks w.r.t. the same shared parameters on that many other batches
+    and passes them to :meth:`observe_extra`.
     """
 
     kind = "gradient"
+    gramian_weighting: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Every ``forward``/``weights`` runs with NumPy's BLAS on one thread
+        """Every ``aggregate``/``weights``/``decide`` runs with NumPy's BLAS on one thread
         (:mod:`mtlkit.methods.blas_threads`: its spinning workers slowed the step 2.5x)."""
         super().__init_subclass__(**kwargs)
-        for name in ("forward", "weights"):
+        for name in ("aggregate", "weights", "decide"):
             if name in cls.__dict__:
                 setattr(cls, name, single_blas_thread(cls.__dict__[name]))
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.last_weights: Tensor | None = None
-        self.head_weights: Tensor | None = None
+    def aggregate(
+        self, jacobian: Tensor, losses: Tensor | None = None, blocks: Sequence[int] | None = None
+    ) -> Decision:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def forward(
         self, jacobian: Tensor, losses: Tensor | None = None, blocks: Sequence[int] | None = None
-    ) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    ) -> Tensor:
+        """The direction ``[n]`` (``aggregate(...).direction``)."""
+        return self.aggregate(jacobian, losses, blocks).direction
 
     def observe_extra(self, jacobians: Sequence[Tensor]) -> None:
         """Receive the Jacobians (each ``[m, n]``) of ``extra_batches`` independent batches,
-        before the next ``forward``. Only methods with ``extra_batches > 0`` override it."""
+        before the next ``aggregate``. Only methods with ``extra_batches > 0`` override it."""
         raise TypeError(
             f"{type(self).__name__} does not use extra batches (extra_batches = 0), "
             f"got {len(jacobians)} extra Jacobian(s)"
@@ -210,17 +233,24 @@ class GradientAggregator(Method):
 
 class GramianWeighting(GradientAggregator):
     """An aggregator whose direction is ``weights(J Jᵀ, losses) @ J``: subclasses implement
-    ``weights``. The engine may then skip storing ``J`` and combine by one weighted backward."""
+    ``weights`` (and may override ``decide`` to report a solver status). The engine may then
+    skip storing ``J`` and combine by one weighted backward."""
+
+    gramian_weighting = True
 
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def forward(
+    def decide(self, gramian: Tensor, losses: Tensor | None = None) -> Decision:
+        """The decision from the Gramian alone (no direction: the engine forms ``w @ J``)."""
+        return Decision(weights=self.weights(gramian, losses))
+
+    def aggregate(
         self, jacobian: Tensor, losses: Tensor | None = None, blocks: Sequence[int] | None = None
-    ) -> Tensor:
-        weights = self.weights(jacobian @ jacobian.T, losses)
-        self.last_weights = weights
-        return weights @ jacobian
+    ) -> Decision:
+        decision = self.decide(jacobian @ jacobian.T, losses)
+        direction = decision.weights.to(jacobian.dtype) @ jacobian
+        return replace(decision, direction=direction)
 
 
 def check_blocks(blocks: Sequence[int] | None, n: int) -> list[int]:
@@ -231,6 +261,15 @@ def check_blocks(blocks: Sequence[int] | None, n: int) -> list[int]:
     if any(b <= 0 for b in sizes) or sum(sizes) != n:
         raise ValueError(f"blocks {sizes} must be positive column counts summing to n={n}")
     return sizes
+
+
+def check_jacobian(jacobian: Tensor, method: object) -> None:
+    """Raise ``ValueError`` unless ``jacobian`` is a ``[m, n]`` matrix with m ≥ 1, and
+    :class:`~mtlkit.errors.NonFiniteError` (naming ``method``'s class) if it has NaN or inf."""
+    if jacobian.dim() != 2 or jacobian.shape[0] == 0:
+        raise ValueError(f"expected a Jacobian [m, n], got shape {tuple(jacobian.shape)}")
+    if not bool(torch.isfinite(jacobian).all()):
+        raise NonFiniteError(f"{type(method).__name__} got a Jacobian with NaN or infinite entries")
 
 
 def check_losses(losses: Tensor) -> None:

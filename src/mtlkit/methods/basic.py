@@ -41,7 +41,6 @@ class Mean(GramianWeighting):
         check_finite_gramian(gramian, self)
         m = gramian.shape[0]
         weights = torch.full((m,), 1.0 / m, dtype=gramian.dtype, device=gramian.device)
-        self.last_weights = weights
         return weights
 
 
@@ -55,7 +54,6 @@ class Sum(GramianWeighting):
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         check_finite_gramian(gramian, self)
         weights = torch.ones(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
-        self.last_weights = weights
         return weights
 
 
@@ -87,7 +85,6 @@ class Constant(GramianWeighting):
                 f"Constant has {len(self.values)} weights, got {gramian.shape[0]} tasks"
             )
         weights = torch.tensor(self.values, dtype=gramian.dtype, device=gramian.device)
-        self.last_weights = weights
         return weights
 
 
@@ -110,7 +107,6 @@ class RGW(GramianWeighting):
             ``None``: fresh entropy, not restored.
     """
 
-    stochastic = True
 
     def __init__(self, generator: torch.Generator | int | None = None) -> None:
         super().__init__()
@@ -122,7 +118,6 @@ class RGW(GramianWeighting):
     def reset(self) -> None:
         super().reset()
         self.rng.reset()
-        self.last_weights = None
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"generator": self.rng.get_state()}
@@ -140,7 +135,6 @@ class RGW(GramianWeighting):
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         check_finite_gramian(gramian, self)
         weights = self.draw(gramian.shape[0]).to(dtype=gramian.dtype, device=gramian.device)
-        self.last_weights = weights
         return weights
 
 

@@ -173,5 +173,4 @@ class CAGrad(GramianWeighting):
         values = cagrad_weights(work, self.c, eps=float(torch.finfo(gramian.dtype).eps))
         divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
         weights = to_weights(values / divisor, gramian)
-        self.last_weights = weights
         return weights

@@ -109,7 +109,6 @@ class ConFIG(GramianWeighting):
             projections = work @ unit  # g_i · u
             weights = self._length(projections, norms, inverse_norms) * unit
         weights = weights.to(gramian.dtype)
-        self.last_weights = weights
         return weights
 
     def _length(self, projections: Tensor, norms: Tensor, inverse_norms: Tensor) -> Tensor:

@@ -58,7 +58,6 @@ class _DualConeWeighting(GramianWeighting):
         if not np.isfinite(values).all():  # pragma: no cover - the solvers raise first
             raise NonFiniteError(f"{type(self).__name__} computed non-finite weights")
         weights = to_weights(values, gramian)
-        self.last_weights = weights
         return weights
 
 

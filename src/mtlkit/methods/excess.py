@@ -7,8 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mtlkit.errors import NonFiniteError
-from mtlkit.methods.base import GradientAggregator
+from mtlkit.methods.base import Decision, GradientAggregator, check_jacobian
 from mtlkit.methods.registry import METHODS
 from mtlkit.methods.state import LazyBuffers
 
@@ -37,8 +36,8 @@ class ExcessMTL(LazyBuffers, GradientAggregator):
 
     ``s`` is ``[m, n]`` and refers to fixed coordinates: use the parameter route (on the
     features route the columns are per-sample feature gradients, which change from batch to
-    batch). The direction is ``w @ J`` (``last_weights = w``). State (``s``, ``w``, ``e⁰``) is
-    saved by ``state_dict``.
+    batch). The direction is ``w @ J`` (the decision's ``weights = w``). State (``s``, ``w``,
+    ``e⁰``) is saved by ``state_dict``.
 
     Args:
         robust_step_size: ``η > 0``.
@@ -66,16 +65,12 @@ class ExcessMTL(LazyBuffers, GradientAggregator):
     def reset(self) -> None:
         super().reset()
         self.clear_lazy_buffers()
-        self.last_weights = None
         self.last_excess = None
 
-    def forward(
+    def aggregate(
         self, jacobian: Tensor, losses: Tensor | None = None, blocks: Sequence[int] | None = None
-    ) -> Tensor:
-        if jacobian.dim() != 2 or jacobian.shape[0] == 0:
-            raise ValueError(f"expected a Jacobian [m, n], got shape {tuple(jacobian.shape)}")
-        if not bool(torch.isfinite(jacobian).all()):
-            raise NonFiniteError("ExcessMTL got a Jacobian with NaN or infinite entries")
+    ) -> Decision:
+        check_jacobian(jacobian, self)
         jac = jacobian.detach()
         m = jac.shape[0]
         if self.accumulator is None:
@@ -100,5 +95,4 @@ class ExcessMTL(LazyBuffers, GradientAggregator):
         self.reference = torch.where(known | (excess <= 0), reference, excess)
         self.last_excess = excess
         out = weights.to(jac.dtype)
-        self.last_weights = out
-        return out @ jac
+        return Decision(weights=out, direction=out @ jac)

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtlkit.errors import NonFiniteError
-from mtlkit.methods.base import GeneratorState, GradientAggregator
+from mtlkit.methods.base import Decision, GeneratorState, GradientAggregator, check_jacobian
 from mtlkit.methods.registry import METHODS
 
 
@@ -43,7 +42,7 @@ class GradDrop(GradientAggregator):
     everything.) On the parameter route the same rule is applied to each parameter's gradient
     element, a variant that the paper does not study.
 
-    GradDrop is not a task weighting, so ``last_weights`` is ``None`` and the non-shared
+    GradDrop is not a task weighting, so its decision has no ``weights`` and the non-shared
     parameters get ``Σ_i ∇L_i``.
 
     Args:
@@ -52,7 +51,6 @@ class GradDrop(GradientAggregator):
             restores it to its state at construction. ``None``: fresh entropy, not restored.
     """
 
-    stochastic = True
 
     def __init__(
         self,
@@ -73,7 +71,6 @@ class GradDrop(GradientAggregator):
     def reset(self) -> None:
         super().reset()
         self.rng.reset()
-        self.last_weights = None
         self.last_purity = None
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -82,13 +79,10 @@ class GradDrop(GradientAggregator):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.rng.set_state(state["generator"])
 
-    def forward(
+    def aggregate(
         self, jacobian: Tensor, losses: Tensor | None = None, blocks: Sequence[int] | None = None
-    ) -> Tensor:
-        if jacobian.dim() != 2 or jacobian.shape[0] == 0:
-            raise ValueError(f"expected a Jacobian [m, n], got shape {tuple(jacobian.shape)}")
-        if not bool(torch.isfinite(jacobian).all()):
-            raise NonFiniteError("GradDrop got a Jacobian with NaN or infinite entries")
+    ) -> Decision:
+        check_jacobian(jacobian, self)
         m, n = jacobian.shape
         leak = self._leak(m).to(dtype=jacobian.dtype, device=jacobian.device)
         jac = jacobian.detach()
@@ -101,8 +95,7 @@ class GradDrop(GradientAggregator):
         keep = ((purity > uniform) & (jac > 0)) | ((purity < uniform) & (jac < 0))
         scale = leak[:, None] + (1 - leak[:, None]) * keep.to(jac.dtype)
         self.last_purity = purity
-        self.last_weights = None
-        return (scale * jac).sum(dim=0)
+        return Decision(direction=(scale * jac).sum(dim=0))
 
     def _leak(self, m: int) -> Tensor:
         if isinstance(self.leak, float):

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.errors import NonFiniteError
-from mtlkit.methods.base import GramianWeighting, check_blocks, check_gramian
+from mtlkit.methods.base import Decision, GramianWeighting, check_blocks, check_gramian
 from mtlkit.methods.registry import METHODS
 from mtlkit.methods.state import LazyBuffers
 
@@ -80,7 +80,6 @@ class GradNorm(LazyBuffers, GramianWeighting):
         self.register_buffer("task_weights", None)
         self.register_buffer("initial_losses", None)
         self.clamped = 0
-        self.last_weights: Tensor | None = None
         self.last_norms: Tensor | None = None
 
     def hparams(self) -> dict[str, object]:
@@ -90,14 +89,13 @@ class GradNorm(LazyBuffers, GramianWeighting):
         super().reset()
         self.clear_lazy_buffers()
         self.clamped = 0
-        self.last_weights = None
         self.last_norms = None
 
-    def forward(
+    def aggregate(
         self, jacobian: Tensor, losses: Tensor | None = None, blocks: Sequence[int] | None = None
-    ) -> Tensor:
+    ) -> Decision:
         if self.last_blocks is None:
-            return super().forward(jacobian, losses, blocks)
+            return super().aggregate(jacobian, losses, blocks)
         if jacobian.dim() != 2 or jacobian.shape[0] == 0:
             raise ValueError(f"expected a Jacobian [m, n], got shape {tuple(jacobian.shape)}")
         sizes = check_blocks(blocks, jacobian.shape[1])
@@ -108,7 +106,7 @@ class GradNorm(LazyBuffers, GramianWeighting):
             )
         measured = jacobian.detach()[:, jacobian.shape[1] - sum(sizes[-self.last_blocks :]) :]
         weights = self._step(measured.square().sum(dim=1), losses)
-        return weights @ jacobian
+        return Decision(weights=weights, direction=weights @ jacobian)
 
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         """The current weights ``w(t)`` (then updated to ``w(t+1)``), from the norms on the
@@ -169,5 +167,4 @@ class GradNorm(LazyBuffers, GramianWeighting):
         self.task_weights = m * updated / updated.sum()
         self.last_norms = norms
         weights = current.to(squared_norms.dtype)
-        self.last_weights = weights
         return weights

@@ -8,8 +8,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from mtlkit.errors import NonFiniteError
-from mtlkit.methods.base import GeneratorState, GradientAggregator, check_blocks
+from mtlkit.methods.base import (
+    Decision,
+    GeneratorState,
+    GradientAggregator,
+    check_blocks,
+    check_jacobian,
+)
 from mtlkit.methods.projection import random_orders
 from mtlkit.methods.registry import METHODS
 from mtlkit.methods.state import LazyBuffers
@@ -48,8 +53,8 @@ class GradVac(LazyBuffers, GradientAggregator):
     tensor. The number of groups and tasks is fixed at the first call.
 
     Computed on per-group Gramians (``g_i^PC = C_i @ J_k``), vectorised over tasks and groups.
-    With one group the direction is ``w @ J`` with ``w = Σ_i C_i`` (``last_weights``); with
-    several it is not a task weighting and ``last_weights`` is ``None`` (the non-shared
+    With one group the direction is ``w @ J`` with ``w = Σ_i C_i`` (the decision's ``weights``);
+    with several it is not a task weighting and the decision has no ``weights`` (the non-shared
     parameters then get ``Σ_i ∇L_i``, as in LibMTL).
 
     Args:
@@ -58,7 +63,6 @@ class GradVac(LazyBuffers, GradientAggregator):
         generator: a seed or ``torch.Generator`` for the random orders; ``reset()`` restores it.
     """
 
-    stochastic = True
     lazy_buffers = ("targets",)
 
     def __init__(
@@ -92,7 +96,6 @@ class GradVac(LazyBuffers, GradientAggregator):
         super().reset()
         self.clear_lazy_buffers()
         self.rng.reset()
-        self.last_weights = None
         self.last_order = None
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -119,13 +122,10 @@ class GradVac(LazyBuffers, GradientAggregator):
             start += count
         return merged
 
-    def forward(
+    def aggregate(
         self, jacobian: Tensor, losses: Tensor | None = None, blocks: Sequence[int] | None = None
-    ) -> Tensor:
-        if jacobian.dim() != 2 or jacobian.shape[0] == 0:
-            raise ValueError(f"expected a Jacobian [m, n], got shape {tuple(jacobian.shape)}")
-        if not bool(torch.isfinite(jacobian).all()):
-            raise NonFiniteError("GradVac got a Jacobian with NaN or infinite entries")
+    ) -> Decision:
+        check_jacobian(jacobian, self)
         m, n = jacobian.shape
         sizes = self.groups(blocks, n)
         jac = jacobian.detach()
@@ -137,8 +137,7 @@ class GradVac(LazyBuffers, GradientAggregator):
         self.last_order = order
         combined = coefficients.sum(dim=1).to(jac.dtype)  # [K, m]
         direction = torch.cat([w @ p for w, p in zip(combined, pieces)])
-        self.last_weights = combined[0] if len(sizes) == 1 else None
-        return direction
+        return Decision(weights=combined[0] if len(sizes) == 1 else None, direction=direction)
 
     def _targets(self, m: int, groups: int, like: Tensor) -> Tensor:
         targets = self.targets

@@ -70,7 +70,6 @@ class IMTLG(GramianWeighting):
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         work, _ = gramian_to_numpy(gramian, "IMTLG")
         weights = to_weights(imtl_g_weights(work, _eps(gramian)), gramian)
-        self.last_weights = weights
         return weights
 
 
@@ -116,7 +115,6 @@ class IMTL(GramianWeighting):
 
     def reset(self) -> None:
         super().reset()
-        self.last_weights = None
 
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         work, _ = gramian_to_numpy(gramian, "IMTL")
@@ -134,5 +132,4 @@ class IMTL(GramianWeighting):
         weights = to_weights(scales * alpha, gramian)
         if torch.is_grad_enabled() and decision.weights.requires_grad:
             decision.total(losses.to(decision.weights.dtype)).backward()
-        self.last_weights = weights
         return weights

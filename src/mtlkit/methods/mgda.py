@@ -175,7 +175,6 @@ class MGDA(GramianWeighting):
         scales = self._scales(gramian, losses)
         normalized = gramian / (scales[:, None] * scales[None, :])
         weights = min_norm_weights(normalized, self.tol, self.max_iter) / scales
-        self.last_weights = weights
         return weights
 
     def _scales(self, gramian: Tensor, losses: Tensor | None) -> Tensor:

@@ -72,7 +72,6 @@ class _FairWeighting(GramianWeighting):
 
     def _output(self, values: np.ndarray, gramian: Tensor) -> Tensor:
         weights = to_weights(values, gramian)
-        self.last_weights = weights
         return weights
 
 
@@ -129,7 +128,6 @@ class NashMTL(_FairWeighting):
         super().reset()
         self._step = 0
         self._solution = None
-        self.last_weights = None
         self.last_solve = None
 
     def get_extra_state(self) -> dict[str, Any]:

@@ -71,7 +71,6 @@ class NGDiff(GramianWeighting):
         super().reset()
         self.scale.fill_(1.0)
         self.skipped = 0
-        self.last_weights = None
 
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         """``s · (1/|g_R|, -1/|g_F|)`` (0 for a zero gradient)."""
@@ -86,7 +85,6 @@ class NGDiff(GramianWeighting):
         inverse = torch.where(norms > 0, 1 / torch.where(norms > 0, norms, 1.0), 0.0)
         signs = torch.tensor([1.0, -1.0], dtype=gramian.dtype, device=gramian.device)
         weights = self.scale.to(gramian.dtype) * signs * inverse
-        self.last_weights = weights
         return weights
 
     def prepare(self, probe: StepProbe) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtlkit.methods.base import GramianWeighting
+from mtlkit.methods.base import Decision, GramianWeighting
 from mtlkit.methods.basic import check_finite_gramian
 from mtlkit.methods.registry import METHODS
 
@@ -183,7 +183,6 @@ class PCD(GramianWeighting):
         self.infeasible_steps = 0
         self.last_feasible = None
         self.last_scales = None
-        self.last_weights = None
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
@@ -262,12 +261,11 @@ class PCD(GramianWeighting):
         sq_primary = float(work[self.primary, self.primary])
         weights = self._rescale(raw, sq_primary, float(raw @ work @ raw), threshold)
         weights = weights.to(dtype=gramian.dtype, device=gramian.device)
-        self.last_weights = weights
         return weights
 
-    def forward(
+    def aggregate(
         self, jacobian: Tensor, losses: Tensor | None = None, blocks: Sequence[int] | None = None
-    ) -> Tensor:
+    ) -> Decision:
         """The direction, with ``|d̃|`` and ``|g_p|`` measured on the gradients themselves, as
         in the paper's Algorithm 1 (exact even when ``d̃`` is a near-cancellation)."""
         raw, threshold = self._solve(jacobian @ jacobian.T)
@@ -277,5 +275,5 @@ class PCD(GramianWeighting):
         weights = self._rescale(raw, sq_primary, sq_direction, threshold)
         primary = float(raw[self.primary])  # s_p > 0 unless g_p = 0, when raw is all zeros
         factor = float(weights[self.primary]) / primary if primary > 0 else 0.0
-        self.last_weights = weights.to(dtype=jacobian.dtype, device=jacobian.device)
-        return direction * factor
+        weights = weights.to(dtype=jacobian.dtype, device=jacobian.device)
+        return Decision(weights=weights, direction=direction * factor)

@@ -65,7 +65,6 @@ class PCGrad(GramianWeighting):
             restores it to its state at construction. ``None``: fresh entropy, not restored.
     """
 
-    stochastic = True
 
     def __init__(self, generator: torch.Generator | int | None = None) -> None:
         super().__init__()
@@ -78,7 +77,6 @@ class PCGrad(GramianWeighting):
     def reset(self) -> None:
         super().reset()
         self.rng.reset()
-        self.last_weights = None
         self.last_order = None
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -96,5 +94,4 @@ class PCGrad(GramianWeighting):
         order = self.draw_order(gramian.shape[0])
         weights = project_conflicts(gramian.detach(), order).sum(dim=0)
         self.last_order = order
-        self.last_weights = weights
         return weights

@@ -54,7 +54,6 @@ class RLW(TaskStateWeighting):
         num_tasks: number of tasks; if ``None``, set by ``setup`` or by the first call.
     """
 
-    stochastic = True
     size_key = "normal_mean"
 
     def __init__(

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.errors import NonFiniteError
-from mtlkit.methods.base import GradientAggregator, GramianWeighting
+from mtlkit.methods.base import Decision, GradientAggregator, GramianWeighting
 from mtlkit.methods.basic import check_finite_gramian
 from mtlkit.methods.registry import METHODS
 
@@ -32,7 +32,7 @@ class TrimmedMean(GradientAggregator):
 
     The paper states it with a fraction ``β = t / m``; torchjd's ``TrimmedMean(trim_number)``
     takes the count, as here. The direction is not a weighting of the rows (each coordinate keeps
-    other rows), so ``last_weights`` is ``None`` and the engine gives the task heads the gradient
+    other rows), so the decision has no ``weights`` and the engine gives the task heads the gradient
     of the plain sum of the losses.
 
     Args:
@@ -49,9 +49,9 @@ class TrimmedMean(GradientAggregator):
     def hparams(self) -> dict[str, object]:
         return {"trim_number": self.trim_number}
 
-    def forward(
+    def aggregate(
         self, jacobian: Tensor, losses: Tensor | None = None, blocks: Sequence[int] | None = None
-    ) -> Tensor:
+    ) -> Decision:
         if jacobian.dim() != 2:
             raise ValueError(f"expected a Jacobian [m, n], got shape {tuple(jacobian.shape)}")
         m, t = jacobian.shape[0], self.trim_number
@@ -62,9 +62,8 @@ class TrimmedMean(GradientAggregator):
             )
         if not bool(torch.isfinite(jacobian).all()):
             raise NonFiniteError("TrimmedMean got a Jacobian with NaN or infinite entries")
-        self.last_weights = None
         # sorted even for t = 0: the result is then exactly independent of the task order
-        return jacobian.sort(dim=0).values[t : m - t].mean(dim=0)
+        return Decision(direction=jacobian.sort(dim=0).values[t : m - t].mean(dim=0))
 
 
 KrumScore = Literal["squared", "distance"]
@@ -135,5 +134,4 @@ class Krum(GramianWeighting):
         weights = torch.zeros_like(scores)
         weights[selected] = 1.0 / self.n_selected
         self.last_scores = scores
-        self.last_weights = weights
         return weights

@@ -80,7 +80,6 @@ class Smoothed(GramianWeighting):
         self.beta = float(beta)
         self.inner_args = dict(inner_args or {})
         self.init = init
-        self.stochastic = inner.stochastic  # type: ignore[misc]
         self.extra_batches = inner.extra_batches
         self.needs_losses_after = inner.needs_losses_after  # type: ignore[misc]
         self.needs_probe = bool(getattr(inner, "needs_probe", False))  # type: ignore[misc]
@@ -96,6 +95,10 @@ class Smoothed(GramianWeighting):
     def needs_losses(self) -> bool:
         """Whether the inner method uses the task losses."""
         return bool(getattr(self.inner, "needs_losses", False))
+
+    def protocol(self) -> tuple[str, ...]:
+        """The inner method's: the hooks here only forward to it."""
+        return self.inner.protocol()
 
     def setup(self, num_tasks: int) -> None:
         super().setup(num_tasks)
@@ -120,7 +123,6 @@ class Smoothed(GramianWeighting):
         super().reset()  # resets the inner method
         self.smoothed = None
         self.steps = 0
-        self.last_weights = None
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"smoothed": self.smoothed, "steps": self.steps}
@@ -149,7 +151,6 @@ class Smoothed(GramianWeighting):
         self.smoothed = smoothed
         self.steps += 1
         weights = smoothed.to(gramian.dtype)
-        self.last_weights = weights
         return weights
 
 

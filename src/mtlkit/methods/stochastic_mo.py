@@ -45,7 +45,6 @@ class DoubleSampling(LazyBuffers, GramianWeighting):
         super().reset()
         self.clear_lazy_buffers()
         self.cross_gramian = None
-        self.last_weights = None
 
     def observe_extra(self, jacobians: Sequence[Tensor]) -> None:
         """Keep ``J₁ J₂ᵀ`` (float64) for the next ``forward``.
@@ -110,7 +109,7 @@ class MoDo(DoubleSampling):
         d = Jᵀ λ
 
     one stochastic projected-gradient step on ``½ λᵀ (J Jᵀ + ρ I) λ`` (MGDA's objective,
-    regularised) per step, with the new ``λ`` (``last_weights``). Defaults are LibMTL's
+    regularised) per step, with the new ``λ`` (the decision's ``weights``). Defaults are LibMTL's
     (``γ = 1e-3``, ``ρ = 0.1``). ``λ`` is saved by ``state_dict``. See the module docstring
     for the extra Jacobians.
 
@@ -140,7 +139,6 @@ class MoDo(DoubleSampling):
         lambdas = project_simplex(lambdas - self.gamma * (cross @ lambdas + self.rho * lambdas))
         self.lambdas = lambdas
         weights = lambdas.to(gramian.dtype)
-        self.last_weights = weights
         return weights
 
 
@@ -162,7 +160,7 @@ class SDMGrad(DoubleSampling):
         w ← Π_Δ(w - η b)
         d = Jᵀ (w + λ/m) / (1 + λ)
 
-    with ``J`` the step's own Jacobian (``last_weights = (w + λ/m) / (1 + λ)``). ``λ = 0``
+    with ``J`` the step's own Jacobian (``weights = (w + λ/m) / (1 + λ)``). ``λ = 0``
     gives a stochastic MGDA, ``λ → ∞`` the mean. The paper's analysis uses one projected step
     per iteration (``niter=1, momentum=0``); the division by ``1 + λ`` is the authors' code's
     (a constant scale). ``w`` is saved by ``state_dict``. See the module docstring for the
@@ -226,5 +224,4 @@ class SDMGrad(DoubleSampling):
             w = project_simplex(w - self.lr * velocity)
         self.lambdas = w
         weights = ((w + pull) / (1 + self.lambda_reg)).to(gramian.dtype)
-        self.last_weights = weights
         return weights

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.errors import NonFiniteError
-from mtlkit.methods.base import GradientAggregator
+from mtlkit.methods.base import Decision, GradientAggregator, check_jacobian
 from mtlkit.methods.registry import METHODS
 from mtlkit.methods.simplex import project_simplex
 from mtlkit.methods.state import LazyBuffers
@@ -36,15 +36,9 @@ class TrackedGradients(LazyBuffers, GradientAggregator):
         super().reset()
         self.clear_lazy_buffers()
         self.step.zero_()
-        self.last_weights = None
 
     def _check(self, jacobian: Tensor) -> None:
-        if jacobian.dim() != 2 or jacobian.shape[0] == 0:
-            raise ValueError(f"expected a Jacobian [m, n], got shape {tuple(jacobian.shape)}")
-        if not bool(torch.isfinite(jacobian).all()):
-            raise NonFiniteError(
-                f"{type(self).__name__} got a Jacobian with NaN or infinite entries"
-            )
+        check_jacobian(jacobian, self)
         if self.tracked is not None and self.tracked.shape != jacobian.shape:
             raise ValueError(
                 f"{type(self).__name__} tracks gradients of shape {tuple(self.tracked.shape)}, got "
@@ -88,8 +82,8 @@ class MoCo(TrackedGradients):
     ``gradient_normalization="loss"`` uses ``h_i = L_i g_i / |g_i|`` (it needs the losses), and
     ``lambda_update="softmax"`` replaces ``Π_Δ`` by a softmax of the same argument.
 
-    The direction is ``λ @ Y``, not a weighting of the current Jacobian, so ``last_weights`` is
-    ``None`` (non-shared parameters get ``Σ_i ∇L_i``, as in LibMTL); the weights are in
+    The direction is ``λ @ Y``, not a weighting of the current Jacobian, so the decision has no
+    ``weights`` (non-shared parameters get ``Σ_i ∇L_i``, as in LibMTL); the weights are in
     ``lambdas``. State (``Y``, ``λ``, ``k``) is saved by ``state_dict``. Parameter route only
     (see the module docstring).
 
@@ -152,9 +146,9 @@ class MoCo(TrackedGradients):
             "lambda_update": self.lambda_update,
         }
 
-    def forward(
+    def aggregate(
         self, jacobian: Tensor, losses: Tensor | None = None, blocks: Sequence[int] | None = None
-    ) -> Tensor:
+    ) -> Decision:
         self._check(jacobian)
         m = jacobian.shape[0]
         gradients = jacobian.detach()
@@ -176,8 +170,7 @@ class MoCo(TrackedGradients):
             project_simplex(moved) if self.lambda_update == "projection" else moved.softmax(-1)
         )
         self.lambdas = lambdas
-        self.last_weights = None
-        return lambdas.to(tracked.dtype) @ tracked
+        return Decision(direction=lambdas.to(tracked.dtype) @ tracked)
 
 
 @METHODS.register("db_mtl")
@@ -198,7 +191,7 @@ class DBMTL(TrackedGradients):
     ``α = 0``. LibMTL differentiates ``log(L_i + 1e-8)`` and divides by ``|ĝ_i| + 1e-8``;
     here both are exact.
 
-    The direction is not a weighting of the current Jacobian, so ``last_weights`` is ``None``.
+    The direction is not a weighting of the current Jacobian, so its decision has no ``weights``.
     The task heads get the gradient of ``Σ_i log L_i``, i.e. ``Σ_i ∇L_i / L_i``, as in the paper
     (and LibMTL): ``head_weights = 1 / L`` (with ``log_losses=False``, where the losses already
     are logs, ``Σ_i ∇L_i``). Parameter route only (see the module docstring).
@@ -228,23 +221,23 @@ class DBMTL(TrackedGradients):
     def hparams(self) -> dict[str, object]:
         return {"beta": self.beta, "beta_sigma": self.beta_sigma, "log_losses": self.log_losses}
 
-    def forward(
+    def aggregate(
         self, jacobian: Tensor, losses: Tensor | None = None, blocks: Sequence[int] | None = None
-    ) -> Tensor:
+    ) -> Decision:
         self._check(jacobian)
         m = jacobian.shape[0]
         gradients = jacobian.detach()
+        heads = None
         if self.log_losses:
             positive = _positive_losses(self, losses, m, gradients)
             gradients = gradients / positive[:, None]
-            self.head_weights = 1.0 / positive  # the heads descend Σ_i log L_i
+            heads = 1.0 / positive  # the heads descend Σ_i log L_i
         self.step += 1
         k = float(self.step)
         tracked = self._advance(gradients, 1.0 - self.beta / k**self.beta_sigma)
         norms = tracked.norm(dim=1)
         scales = torch.where(norms > 0, norms.max() / torch.where(norms > 0, norms, 1.0), 0.0)
-        self.last_weights = None
-        return scales @ tracked
+        return Decision(direction=scales @ tracked, head_weights=heads)
 
 
 def _positive_losses(

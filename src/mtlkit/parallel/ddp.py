@@ -1,6 +1,6 @@
-"""Data parallelism with the per-task signals reduced *before* the method runs: across processes
-(DDP on ``torch.distributed``, launched by ``torchrun``) and across micro-batches (gradient
-accumulation).
+"""Data parallelism with the per-task signals reduced *before* the method runs, across processes
+(DDP on ``torch.distributed``, launched by ``torchrun``); gradient accumulation over micro-batches
+is its sibling in :mod:`mtlkit.training.accumulation`.
 
 **Semantics.** ``N`` processes that each see one shard of a batch take the step that one process
 would take on the whole batch (the union of the shards; losses are means over the batch, as with
@@ -44,13 +44,6 @@ batch (the last batch is padded with its own first samples if its size is not a 
 ``N``, as ``DistributedSampler`` pads), from the same shuffled order; ``batch_size`` is the
 global batch size, so ``torchrun --nproc-per-node N`` takes the same steps as one process.
 
-**Accumulation** (``accumulate=k``): a batch is cut into ``k`` micro-batches (:func:`accumulate`).
-Gradient aggregators accumulate the per-task Jacobians (w.r.t. the shared parameters and the
-heads: ``Σ_j (b_j/b) J_j``) and aggregate **once**, on the Jacobian of the whole batch; loss
-weightings are called once per micro-batch and the gradients of ``Σ w_i L_i`` are averaged
-(weights per micro-batch: exact when the weights do not depend on the current losses, e.g. EW,
-LS, UW, IMTL-L, DWA; otherwise the weights of micro-batch losses).
-
 In your own loop::
 
     reducer = mtlkit.parallel.ddp.Reducer()            # the default process group
@@ -65,9 +58,9 @@ from __future__ import annotations
 
 import atexit
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -75,27 +68,21 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from mtlkit.data.multi_input import MultiInputLoader
-from mtlkit.engine.backward import graph_leaves, jacobian
+from mtlkit.engine.contract import Decision
 from mtlkit.engine.precision import LossScaler, Precision
-from mtlkit.errors import ConfigError, MtlkitError
+from mtlkit.errors import MtlkitError
 from mtlkit.methods.base import GradientAggregator, GramianWeighting, Method
-
-if TYPE_CHECKING:
-    from mtlkit.training.strategies import ComputeLosses, ForwardResult, StrategyContext
 
 __all__ = [
     "Parallel",
     "Reducer",
     "Traffic",
-    "accumulate",
-    "check_parallel",
     "from_rank_zero",
     "init_from_env",
     "is_distributed",
     "is_main_process",
     "shard_batch",
     "shard_loader",
-    "split_batch",
 ]
 
 
@@ -175,9 +162,11 @@ class _GlobalValue(torch.autograd.Function):
 
 
 def _gramian_only(method: GradientAggregator) -> bool:
-    """Whether the method's direction is ``weights(J Jᵀ) @ J`` (the base GramianWeighting
-    forward, not overridden)."""
-    return isinstance(method, GramianWeighting) and type(method).forward is GramianWeighting.forward
+    """Whether the method's direction is ``decide(J Jᵀ).weights @ J`` (the base GramianWeighting
+    ``aggregate``, not overridden: GradNorm's and PCD's measure the gradients themselves)."""
+    return isinstance(method, GramianWeighting) and (
+        type(method).aggregate is GramianWeighting.aggregate
+    )
 
 
 class Reducer:
@@ -321,10 +310,10 @@ class Reducer:
         losses: Tensor,
         inputs: Sequence[Tensor],
         features: bool,
-    ) -> Tensor:
+    ) -> Decision:
         """The engine's hook (``mtlkit.backward(..., reducer=...)``): run ``method`` on the
-        Jacobian of the global batch and return this process's part of the direction, carrying
-        the loss scale like the other gradients of the backward.
+        Jacobian of the global batch; the decision's direction is this process's part of the
+        global direction, carrying the loss scale like the other gradients of the backward.
 
         Args:
             method: the aggregator.
@@ -334,21 +323,20 @@ class Reducer:
         """
         sizes = [t.numel() for t in inputs]
         if not features:
-            direction = self._run(method, self.reduce_jacobian(jac), losses, sizes)
+            decision = self._run(method, self.reduce_jacobian(jac), losses, sizes)
             self._global_grads.update(id(t) for t in inputs)
-            return (direction / self._unscale()).to(jac.dtype)
+            return replace(decision, direction=(decision.direction / self._unscale()).to(jac.dtype))
         work = jac.to(torch.promote_types(jac.dtype, torch.float32))
         if _gramian_only(method):
             local = work * (self._unscale() / self.world)  # unscaled first: J Jᵀ squares S
             gram = self._all_reduce(local @ local.T, "gramian")
             if self._overflow(gram):
-                method.last_weights = None
-                return torch.full_like(jac[0], float("nan"))
-            weights = method.weights(gram, losses).to(work.dtype)
-            method.last_weights = weights
+                return Decision(direction=torch.full_like(jac[0], float("nan")))
+            decision = method.decide(gram, losses)
+            weights = decision.weights.to(work.dtype)
             # w @ (J_r / N) is this process's slice of the direction; the backward through the
             # local encoder is averaged over N processes and carries the loss scale: N S w @ J_r.
-            return (weights @ work).to(jac.dtype)
+            return replace(decision, weights=weights, direction=(weights @ work).to(jac.dtype))
         self._check_equal_columns(jac.shape[1])  # all_gather needs equal shapes
         parts = self._all_gather(work, "features")
         columns, offset = [], 0
@@ -356,26 +344,27 @@ class Reducer:
             columns += [part[:, offset : offset + size] for part in parts]
             offset += size
         global_jac = torch.cat(columns, dim=1).mul_(self._unscale() / self.world)
-        direction = self._run(method, global_jac, losses, [self.world * s for s in sizes])
+        decision = self._run(method, global_jac, losses, [self.world * s for s in sizes])
         pieces, offset = [], 0
         for size in sizes:
             start = offset + self.rank * size
-            pieces.append(direction[start : start + size])
+            pieces.append(decision.direction[start : start + size])
             offset += self.world * size
-        return torch.cat(pieces).mul_(self.world / self._unscale()).to(jac.dtype)
+        direction = torch.cat(pieces).mul_(self.world / self._unscale()).to(jac.dtype)
+        return replace(decision, direction=direction)
 
     def _overflow(self, tensor: Tensor) -> bool:
         return self.scaler is not None and not bool(torch.isfinite(tensor).all())
 
     def _run(
         self, method: GradientAggregator, jac: Tensor, losses: Tensor, blocks: list[int]
-    ) -> Tensor:
-        """``method(jac)``; with a loss scaler, a NaN direction instead for a non-finite Jacobian
-        (an overflow of the scaled backward: the step is then skipped and the scale reduced)."""
+    ) -> Decision:
+        """``method.aggregate(jac)``; with a loss scaler, a NaN direction instead for a
+        non-finite Jacobian (an overflow of the scaled backward: the step is then skipped and the
+        scale reduced)."""
         if self._overflow(jac):
-            method.last_weights = None
-            return torch.full_like(jac[0], float("nan"))
-        return method(jac, losses, blocks=blocks)
+            return Decision(direction=torch.full_like(jac[0], float("nan")))
+        return method.aggregate(jac, losses, blocks=blocks)
 
     def _check_equal_columns(self, n: int) -> None:
         if not self.distributed:
@@ -509,212 +498,6 @@ def shard_batch(batch: Any, rank: int, world: int) -> Any:
     return batch
 
 
-# --------------------------------------------------------------------------- accumulation
-def _tensors(value: Any) -> Iterator[Tensor]:
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, Mapping):
-        for v in value.values():
-            yield from _tensors(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
-
-
-def split_batch(batch: Any, parts: int) -> list[Any]:
-    """``batch`` cut into ``min(parts, smallest first dimension)`` micro-batches along the first
-    dimension of every tensor (sizes differ by at most one)."""
-    sizes = [t.shape[0] for t in _tensors(batch) if t.dim() > 0]
-    if not sizes:
-        raise MtlkitError("cannot split a batch that holds no tensor with a batch dimension")
-    count = max(1, min(parts, min(sizes)))
-
-    def split(value: Any) -> list[Any]:
-        if isinstance(value, Tensor):
-            return list(torch.tensor_split(value, count)) if value.dim() > 0 else [value] * count
-        if isinstance(value, Mapping):
-            pieces = {k: split(v) for k, v in value.items()}
-            return [{k: pieces[k][j] for k in value} for j in range(count)]
-        if isinstance(value, (list, tuple)):
-            pieces = [split(v) for v in value]
-            return [type(value)(p[j] for p in pieces) for j in range(count)]
-        return [value] * count
-
-    return split(batch)
-
-
-def _task_size(part: Any, task: str) -> int:
-    """The number of samples of ``task`` in a micro-batch (its own entry for multi-input)."""
-    source = part[task] if isinstance(part, Mapping) and task in part else part
-    for tensor in _tensors(source):
-        if tensor.dim() > 0:
-            return int(tensor.shape[0])
-    raise MtlkitError(f"no tensor with a batch dimension for task {task!r} in the batch")
-
-
-def _scale_grads(tensors: Iterable[Tensor], factor: float) -> None:
-    if factor == 1.0:
-        return
-    for tensor in tensors:
-        if tensor.grad is not None:
-            tensor.grad.mul_(factor)
-
-
-Update = Callable[..., "tuple[dict[str, float], int]"]
-
-
-def accumulate(
-    batch: Any,
-    tasks: Sequence[str],
-    method: Method,
-    shared: Sequence[nn.Parameter],
-    context: StrategyContext,
-    compute_losses: ComputeLosses,
-    update: Update,
-) -> tuple[ForwardResult, dict[str, float], int]:
-    """Forward and backward of one optimizer step over ``context.accumulate`` micro-batches of
-    ``batch`` (see the module docstring); fills ``.grad`` like one backward on the whole batch.
-
-    Args:
-        update: the strategies' ``method_update`` (one backward of a method over ``tasks``).
-
-    Returns:
-        The task losses of the whole batch (the micro-batches' weighted by their sizes), the task
-        weights (likewise averaged, or the aggregator's), the backward passes through the shared
-        part of the model.
-    """
-    from mtlkit.training.strategies import ForwardResult  # the strategies import this module
-
-    parts = split_batch(batch, context.accumulate)
-    sizes = torch.tensor([[_task_size(p, t) for t in tasks] for p in parts], dtype=torch.float64)
-    fractions = sizes / sizes.sum(dim=0)  # [micro-batches, tasks]
-    if method.kind == "gradient":
-        losses, weights, backwards = _accumulate_jacobians(
-            parts, fractions, tasks, method, shared, context, compute_losses, update
-        )
-    else:
-        losses, weights, backwards = _accumulate_weighted(
-            parts, fractions, tasks, method, shared, context, compute_losses, update
-        )
-    return ForwardResult(dict(zip(tasks, losses.unbind()))), weights, backwards
-
-
-def _accumulate_weighted(
-    parts: list[Any],
-    fractions: Tensor,
-    tasks: Sequence[str],
-    method: Method,
-    shared: Sequence[nn.Parameter],
-    context: StrategyContext,
-    compute_losses: ComputeLosses,
-    update: Update,
-) -> tuple[Tensor, dict[str, float], int]:
-    """Loss weightings: one backward per micro-batch; ``.grad`` ends as ``Σ_j (b_j/b) g_j``."""
-    shares = fractions[:, 0]
-    if not torch.allclose(fractions, shares[:, None]):
-        raise MtlkitError(
-            f"accumulate={context.accumulate}: the tasks' batches do not split into micro-batches "
-            "of the same proportions (multi-input batches of sizes not divisible by accumulate); "
-            "use batch sizes divisible by accumulate"
-        )
-    params = [*context.model.parameters(), *method.parameters()]
-    losses = torch.zeros(len(tasks), dtype=torch.float64)
-    weights: dict[str, float] = {}
-    backwards, previous = 0, None
-    for part, share in zip(parts, shares.tolist()):
-        if previous is not None:
-            _scale_grads(params, previous / share)  # .grad holds Σ_{i<j} c_i g_i / c_j
-        result = compute_losses(part)
-        named, passes = update(result, tasks, method, shared, context, compute_losses)
-        losses += share * result.stacked(tasks).detach().cpu().to(torch.float64)
-        for task, value in named.items():
-            weights[task] = weights.get(task, 0.0) + share * value
-        backwards += passes
-        previous = share
-    _scale_grads(params, previous)
-    return losses, weights, backwards
-
-
-def _accumulate_jacobians(
-    parts: list[Any],
-    fractions: Tensor,
-    tasks: Sequence[str],
-    method: Method,
-    shared: Sequence[nn.Parameter],
-    context: StrategyContext,
-    compute_losses: ComputeLosses,
-    update: Update,
-) -> tuple[Tensor, dict[str, float], int]:
-    """Gradient aggregators: the per-task Jacobian of the whole batch w.r.t. the shared
-    parameters and the other leaves (heads), ``Σ_j (b_j/b) J_j``, then one aggregation."""
-    from mtlkit.training.strategies import ForwardResult
-
-    shared = list(shared)
-    shared_ids = {id(p) for p in shared}
-    leaves: list[Tensor] | None = None
-    total: Tensor | None = None
-    losses = torch.zeros(len(tasks), dtype=torch.float64)
-    for part, share in zip(parts, fractions):
-        result = compute_losses(part)
-        scalars = result.loss_list(tasks)
-        if leaves is None:
-            others = graph_leaves(torch.stack(scalars))
-            leaves = shared + [leaf for leaf in others if id(leaf) not in shared_ids]
-        jac = jacobian(scalars, leaves, route=context.jacobian_route, retain_graph=False)
-        jac.mul_(share.to(jac)[:, None])
-        total = jac if total is None else total.add_(jac)
-        losses += share * torch.stack([s.detach() for s in scalars]).cpu().to(torch.float64)
-    assert total is not None and leaves is not None
-    # Linear surrogate losses: the values of the batch's losses, the Jacobian ``total``.
-    flat = torch.cat([leaf.reshape(-1) for leaf in leaves])
-    delta = flat - flat.detach()  # zeros, with the leaves' graph
-    values = losses.to(total)
-    surrogate = {t: values[i] + total[i] @ delta for i, t in enumerate(tasks)}
-    weights, _ = update(ForwardResult(surrogate), tasks, method, shared, context, compute_losses)
-    return losses, weights, len(parts) * len(tasks)
-
-
-def check_parallel(method: Method, context: Any) -> None:
-    """Reject method x (accumulation, DDP, loss scaling) combinations that cannot be exact."""
-    name = type(method).__name__
-    if getattr(context, "accumulate", 1) > 1:
-        if method.needs_probe or method.extra_batches or method.needs_losses_after:
-            raise ConfigError(
-                f"{name} cannot use accumulate > 1: it evaluates the losses of the step's batch "
-                "itself (extra batches, a probe, or the losses after the step), which "
-                "micro-batches would change; use accumulate=1"
-            )
-        if method.kind == "gradient" and context.rep_grad:
-            raise ConfigError(
-                f"{name} with rep_grad cannot use accumulate > 1: the direction for each "
-                "micro-batch's features depends on every micro-batch's feature Jacobian, so all "
-                "their graphs would have to be kept; use the parameter route (rep_grad=false)"
-            )
-    reducer = getattr(context, "reducer", None)
-    if getattr(context, "route", None) == "gramian" and method.kind == "gradient":
-        if reducer is not None and not reducer.passthrough:
-            what = "DDP" if reducer.distributed else "a loss scaler (amp=fp16)"
-            raise ConfigError(
-                f"route=gramian cannot run under {what}: the Gramian of the global batch, "
-                "(1/N²) Σ_r Σ_s J_r J_sᵀ, has cross terms between the processes' Jacobians J_r "
-                "that the local Gramians lack (and the engine's Gramian carries the loss scale "
-                "squared); use route=auto, loop or batched (the per-task Jacobian is all-reduced "
-                "before the method) or rep_grad=true (the features route: the local Gramians "
-                "add, one m x m all-reduce)"
-            )
-        if getattr(context, "accumulate", 1) > 1:
-            raise ConfigError(
-                "route=gramian cannot accumulate micro-batches (the Gramian of the whole batch is "
-                "not the sum of the micro-batches' Gramians); use route=auto"
-            )
-    scaled = reducer is not None and (reducer.distributed or reducer.scaler is not None)
-    if scaled and method.needs_probe:
-        raise ConfigError(
-            f"{name} takes virtual steps with its own backward passes, which are neither "
-            "reduced across processes nor loss-scaled: it cannot run under DDP or amp=fp16"
-        )
-
-
 # --------------------------------------------------------------------------- the Trainer's part
 class Parallel:
     """One training process's part in data parallelism and mixed precision, for the Trainer:
@@ -780,7 +563,7 @@ class Parallel:
             for method in methods:
                 method.load_state_dict(self.reducer.broadcast_object(method.state_dict()))
 
-    def prepare(self, result: ForwardResult) -> ForwardResult:
+    def prepare(self, result: Any) -> Any:
         """The losses of a forward pass as the strategies must see them: float32, their gradient
         loss-scaled, their values the global batch's."""
         if self.reducer is None:

@@ -1,8 +1,9 @@
 """What a training step does when a number goes non-finite: the ``on_nonfinite`` policy.
 
 A long run must neither die on a single bad batch when the user asked it not to, nor silently
-train on NaN. The strategies (``Joint``, ``Alternating``) run every optimizer step through the
-:class:`NonFiniteGuard` of their context, which checks, in this order:
+train on NaN. The step driver (:mod:`mtlkit.training.step`: :class:`mtlkit.Step` in a user's own
+loop, and the strategies ``Joint`` and ``Alternating``) runs every optimizer step through a
+:class:`NonFiniteGuard`, the same for every method, which checks, in this order:
 
 1. **the task losses** of the step's forward pass, before any backward;
 2. **the method's update**: a method that meets a non-finite Jacobian or Gramian raises
@@ -101,9 +102,11 @@ __all__ = [
 NonFinitePolicy = Literal["raise", "skip_step", "skip_task"]
 POLICIES: tuple[str, ...] = ("raise", "skip_step", "skip_task")
 
-Update = Callable[[Any, Sequence[str]], "tuple[dict[str, float], int]"]
-"""``(forward result, tasks) -> (task weights, backward passes)``: the backward of one method over
-``tasks`` (:func:`mtlkit.training.strategies.method_update`, unguarded)."""
+Outcome = tuple[dict[str, float], int, Any]
+"""``(task weights, backward passes, solver status or None)``: what one backward reports."""
+Update = Callable[[Any, Sequence[str]], Outcome]
+"""``(forward result, tasks) -> outcome``: the backward of one method over ``tasks``
+(:func:`mtlkit.training.step.method_update`, unguarded)."""
 
 
 def check_policy(policy: str) -> NonFinitePolicy:
@@ -191,13 +194,13 @@ class NonFiniteGuard:
 
     def update(
         self, result: Any, tasks: Sequence[str], update: Update, context: Any = None
-    ) -> tuple[dict[str, float], int]:
+    ) -> Outcome:
         """The guarded backward of ``tasks`` on the forward pass ``result``: ``update(result,
         tasks)`` with the checks and the policy of the module docstring.
 
         Args:
-            result: a :class:`~mtlkit.training.strategies.ForwardResult`.
-            update: the unguarded backward ``(result, tasks) -> (weights, backwards)``.
+            result: a :class:`~mtlkit.training.forward.ForwardResult`.
+            update: the unguarded backward ``(result, tasks) -> (weights, backwards, status)``.
             context: the strategy context (its loss scaler turns the gradient checks off; its
                 Gramian-route capture is cleared when the step is skipped or redone).
 
@@ -206,14 +209,14 @@ class NonFiniteGuard:
             SolverError: under ``raise``, when the method's solver failed.
         """
         if self._skip is not None:  # an earlier micro-batch of this step failed
-            return {}, 0
+            return {}, 0, None
         self.busy = True
         try:
             return self._update(result, tasks, update, context)
         except _Fault as fault:
             self._skip = str(fault)
             self._clear(context)
-            return {}, 0
+            return {}, 0, None
         finally:
             self.busy = False
 
@@ -285,7 +288,7 @@ class NonFiniteGuard:
     # ------------------------------------------------------------------------- the policy
     def _update(
         self, result: Any, tasks: Sequence[str], update: Update, context: Any
-    ) -> tuple[dict[str, float], int]:
+    ) -> Outcome:
         drop_tasks = self.policy == "skip_task" and self.accumulate == 1
         bad = _nonfinite_losses(result, tasks)
         if bad:
@@ -324,7 +327,7 @@ class NonFiniteGuard:
 
     def _attempt(
         self, result: Any, tasks: Sequence[str], update: Update, context: Any
-    ) -> tuple[dict[str, float], int] | NonFiniteError | SolverError:
+    ) -> Outcome | NonFiniteError | SolverError:
         """``update(result, tasks)`` and the gradient check: its value, or the fault (the
         gradients are then cleared). A ``ValueError`` of the method passes through."""
         try:
@@ -352,7 +355,7 @@ class NonFiniteGuard:
         update: Update,
         context: Any,
         reason: str,
-    ) -> tuple[dict[str, float], int]:
+    ) -> Outcome:
         """The step without ``dropped``: the method on the other tasks, or (if it refuses a
         changed task count) on all tasks with stand-ins for the dropped ones."""
         keep = [t for t in tasks if t not in dropped]
@@ -364,13 +367,13 @@ class NonFiniteGuard:
             outcome = self._attempt(self._stand_in(result, dropped, keep), tasks, update, context)
         if isinstance(outcome, Exception):
             raise _Fault(f"{reason}; without task(s) {dropped}: {outcome}")
-        weights, backwards = outcome
+        weights, backwards, status = outcome
         weights = {**weights, **dict.fromkeys(dropped, 0.0)}
         for t in dropped:
             self.skipped_tasks[t] = self.skipped_tasks.get(t, 0) + 1
         self._remember(result, keep)
         self._warn(f"dropped task(s) {dropped} from a step: {reason}")
-        return weights, backwards
+        return weights, backwards, status
 
     def _stand_in(self, result: Any, dropped: Sequence[str], keep: Sequence[str]) -> Any:
         """``result`` with each dropped task's loss replaced by a constant of its value (its

@@ -19,17 +19,19 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from mtlkit.engine.backward import StepRoute, backward, jacobian
+from mtlkit.engine.backward import StepRoute
 from mtlkit.engine.layer_capture import LayerCapture
 from mtlkit.errors import ConfigError
 from mtlkit.methods import EW, Method
-from mtlkit.methods.base import GramianWeighting, StepProbe
-from mtlkit.parallel.ddp import Reducer, accumulate, check_parallel
+from mtlkit.parallel.ddp import Reducer
 from mtlkit.registry import Registry
+from mtlkit.training.forward import ComputeLosses
 from mtlkit.training.groups import GroupSchedule, GroupSpec, RandomGroups, Resample
 from mtlkit.training.nonfinite import NonFiniteGuard
+from mtlkit.training.step import StepEnvironment, method_step
+from mtlkit.training.step import check_method as check_step
 
 Scheduler = Any  # torch.optim.lr_scheduler.LRScheduler or anything with step()/state_dict()
 OptimizerFactory = Callable[[list[nn.Parameter]], "tuple[torch.optim.Optimizer, Scheduler | None]"]
@@ -45,22 +47,6 @@ class MultiTaskModel(Protocol):
     def parameters(self) -> Iterator[nn.Parameter]: ...
 
 
-@dataclass
-class ForwardResult:
-    """One forward pass: a loss per task and, in the features route, the shared
-    representation(s) (one tensor, or one per task for multi-input models)."""
-
-    losses: dict[str, Tensor]
-    features: Tensor | list[Tensor] | None = None
-
-    def loss_list(self, tasks: Sequence[str]) -> list[Tensor]:
-        return [self.losses[t] for t in tasks]
-
-    def stacked(self, tasks: Sequence[str]) -> Tensor:
-        return torch.stack(self.loss_list(tasks))
-
-
-ComputeLosses = Callable[[Any], ForwardResult]
 
 
 @dataclass
@@ -86,10 +72,12 @@ class StrategyContext:
             (:mod:`mtlkit.parallel.ddp`); ``None`` for one process in float32.
         optimizer_step: ``optimizer -> stepped``: takes an optimizer step (the Trainer's also
             synchronises gradients across processes and skips the step on an fp16 overflow).
-        accumulate: micro-batches per optimizer step (:func:`mtlkit.parallel.ddp.accumulate`).
+        accumulate: micro-batches per optimizer step (:mod:`mtlkit.training.accumulation`).
         on_nonfinite: what a step does on a NaN/inf loss, gradient or solver failure:
-            ``raise``, ``skip_step`` or ``skip_task`` (:mod:`mtlkit.training.nonfinite`; the context's
-            ``guard`` applies it).
+            ``raise``, ``skip_step`` or ``skip_task`` (:mod:`mtlkit.training.nonfinite`; the
+            context's ``guard`` applies it).
+        environment: the :class:`~mtlkit.training.step.StepEnvironment` built from these, which
+            every step of the strategy runs in (:func:`mtlkit.training.step.method_step`).
     """
 
     model: MultiTaskModel
@@ -106,21 +94,33 @@ class StrategyContext:
     )
     accumulate: int = 1
     on_nonfinite: str = "raise"
-    capture: LayerCapture | None = field(default=None, init=False, repr=False)
-    guard: NonFiniteGuard = field(init=False, repr=False)
+    environment: StepEnvironment = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        distributed = bool(getattr(self.reducer, "distributed", False))
-        self.guard = NonFiniteGuard(self.on_nonfinite, self.accumulate, distributed)
+        capture = None
         if self.route == "gramian" and not self.rep_grad:
-            self.capture = LayerCapture(
-                self.model, shared=self.model.shared_parameters(), verify=True
-            )
+            capture = LayerCapture(self.model, shared=self.model.shared_parameters(), verify=True)
+        self.environment = StepEnvironment(
+            rep_grad=self.rep_grad,
+            route=self.route,
+            reducer=self.reducer,
+            accumulate=self.accumulate,
+            on_nonfinite=self.on_nonfinite,
+            draw_batches=self.draw_batches,
+            optimizer_step=self.optimizer_step,
+            on_optimizer_step=self.on_optimizer_step,
+            capture=capture,
+        )
 
     @property
-    def jacobian_route(self) -> str:
-        """The route of the Jacobians that are still formed (extra batches)."""
-        return "auto" if self.route == "gramian" else self.route
+    def guard(self) -> NonFiniteGuard:
+        """The ``on_nonfinite`` guard of the steps (its counters)."""
+        return self.environment.guard
+
+    @property
+    def capture(self) -> LayerCapture | None:
+        """The layer capture of the Gramian route, if it is the route."""
+        return self.environment.capture
 
 
 def _no_batches(count: int) -> list[Any]:
@@ -132,25 +132,7 @@ def _no_batches(count: int) -> list[Any]:
 
 def check_method(method: Method, context: StrategyContext) -> None:
     """Reject method x gradient-route combinations that cannot work, before training."""
-    if context.route == "gramian" and method.kind == "gradient":
-        if context.rep_grad:
-            raise ConfigError(
-                "route=gramian is a parameter-route engine; with rep_grad=true the Jacobian "
-                "w.r.t. the features is already small: use route=auto"
-            )
-        if not isinstance(method, GramianWeighting):
-            raise ConfigError(
-                f"route=gramian needs a Gramian weighting (a method whose direction is "
-                f"weights(J Jᵀ) @ J); {type(method).__name__} needs the Jacobian itself: use "
-                "route=auto, loop or batched"
-            )
-    if method.extra_batches and not method.needs_probe and context.rep_grad:
-        raise ConfigError(
-            f"{type(method).__name__} needs Jacobians of independent batches w.r.t. the shared "
-            "parameters (extra_batches > 0); the features route (rep_grad) gives per-sample "
-            "feature gradients that cannot be paired across batches: use rep_grad=false"
-        )
-    check_parallel(method, context)
+    check_step(method, context.environment)
 
 
 @dataclass
@@ -214,122 +196,6 @@ class Strategy:
 STRATEGIES: Registry[Strategy] = Registry("strategy")
 
 
-def method_update(
-    result: ForwardResult,
-    tasks: Sequence[str],
-    method: Method,
-    shared: Sequence[nn.Parameter],
-    context: StrategyContext,
-    compute_losses: ComputeLosses,
-) -> tuple[dict[str, float], int]:
-    """The backward of one method over ``tasks``: the features route when the context asks for
-    it (and the forward returned features), otherwise the shared parameters. A method with
-    ``extra_batches > 0`` first observes the Jacobians of ``tasks`` on that many independent
-    batches (one forward pass each).
-
-    Returns:
-        The task weights the method used (empty for weightless aggregators) and the number of
-        backward passes through the shared part of the model.
-    """
-    if not context.guard.busy:  # the on_nonfinite checks and policy (mtlkit.training.nonfinite)
-        return context.guard.update(
-            result,
-            tasks,
-            lambda r, ts: method_update(r, ts, method, shared, context, compute_losses),
-            context,
-        )
-    backwards = 0
-    if method.extra_batches and not method.needs_probe:
-        jacobians = []
-        for batch in context.draw_batches(method.extra_batches):
-            extra = compute_losses(batch)
-            losses = [extra.losses[t] for t in tasks]
-            jac = jacobian(losses, shared, route=context.jacobian_route, retain_graph=False)
-            jacobians.append(
-                jac if context.reducer is None else context.reducer.reduce_jacobian(jac)
-            )
-            backwards += len(tasks)
-        method.observe_extra(jacobians)
-    losses = [result.losses[t] for t in tasks]  # a list, not a stack: see autograd.loss_list
-    features = result.features if context.rep_grad else None
-    capture = context.capture if method.kind == "gradient" and features is None else None
-    weights = backward(
-        losses,
-        shared=shared,
-        method=method,
-        features=features,
-        route=context.jacobian_route,
-        capture=capture,
-        reducer=context.reducer,
-    )
-    if context.capture is not None:
-        context.capture.clear()  # records this backward did not consume (loss weightings)
-    per_task = method.kind == "gradient" and features is None and len(tasks) > 1
-    named = {} if weights is None else dict(zip(tasks, weights.tolist()))
-    return named, backwards + (len(tasks) if per_task else 1)
-
-
-def forward_backward(
-    batch: Any,
-    tasks: Sequence[str],
-    method: Method,
-    shared: Sequence[nn.Parameter],
-    context: StrategyContext,
-    compute_losses: ComputeLosses,
-) -> tuple[ForwardResult, dict[str, float], int]:
-    """The forward pass and :func:`method_update` of one optimizer step over ``tasks``, or with
-    ``context.accumulate > 1`` the same over micro-batches (:func:`mtlkit.parallel.ddp.accumulate`).
-
-    Returns:
-        The forward's losses, the task weights and the backward passes through the shared part.
-    """
-    if context.accumulate > 1:
-        return accumulate(batch, tasks, method, shared, context, compute_losses, method_update)
-    result = compute_losses(batch)
-    weights, backwards = method_update(result, tasks, method, shared, context, compute_losses)
-    return result, weights, backwards
-
-
-def prepare_method(
-    method: Method,
-    batch: Any,
-    tasks: Sequence[str],
-    parameters: list[nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    context: StrategyContext,
-    compute_losses: ComputeLosses,
-) -> None:
-    """Give a method that asks for it (``needs_probe``) its :class:`StepProbe`, before the
-    step's forward pass."""
-    if not method.needs_probe:
-        return
-    extra = context.draw_batches(method.extra_batches) if method.extra_batches else []
-    method.prepare(
-        StepProbe(
-            batch=batch,
-            extra=extra,
-            parameters=parameters,
-            learning_rate=float(optimizer.param_groups[0]["lr"]),
-            compute=lambda b: compute_losses(b).loss_list(tasks),
-        )
-    )
-
-
-def first_losses(result: ForwardResult) -> dict[str, float]:
-    """The task losses of a forward pass as floats, for the step report."""
-    return {t: float(v.detach()) for t, v in result.losses.items()}
-
-
-def losses_after_step(
-    method: Method, batch: Any, compute_losses: ComputeLosses, tasks: Sequence[str]
-) -> Tensor | None:
-    """The task losses on the same batch after the step, if the method asks for them."""
-    if not method.needs_losses_after:
-        return None
-    with torch.no_grad():
-        return compute_losses(batch).stacked(tasks)
-
-
 @STRATEGIES.register("joint")
 class Joint(Strategy):
     """One forward pass, one combined backward through ``method``, one optimizer step per batch.
@@ -361,23 +227,18 @@ class Joint(Strategy):
 
     def step(self, batch: Any, compute_losses: ComputeLosses, step: int) -> StepReport:
         context = self._require_setup()
-        context.guard.begin(self.trained, self.method, lambda: compute_losses(batch))
-        self.method.before_step(step)
-        prepare_method(
-            self.method, batch, context.tasks, self.trained, self.optimizer, context, compute_losses
+        done = method_step(
+            self.method,
+            self.optimizer,
+            batch,
+            compute_losses,
+            tasks=context.tasks,
+            shared=self.shared,
+            parameters=self.trained,
+            index=step,
+            environment=context.environment,
         )
-        self.optimizer.zero_grad(set_to_none=True)
-        result, weights, backwards = forward_backward(
-            batch, context.tasks, self.method, self.shared, context, compute_losses
-        )
-        if context.guard.commit(context):  # False: a skipped step (mtlkit.training.nonfinite)
-            context.optimizer_step(self.optimizer)
-            context.guard.check_weights()
-            context.on_optimizer_step()
-            self.method.after_step(
-                losses_after_step(self.method, batch, compute_losses, context.tasks)
-            )
-        return StepReport(first_losses(result), weights, steps=1, backwards=backwards)
+        return StepReport(done.losses, done.weights, steps=1, backwards=done.backwards)
 
     def methods(self) -> list[Method]:
         return [self.method]
@@ -549,32 +410,21 @@ class Alternating(Strategy):
         weights: dict[str, float] = {}
         backwards = 0
         for offset, g in enumerate(order):
-            group, method = groups[g], self.group_methods[g]
-            optimizer = self.optimizers[0 if self.optimizer_mode == "shared" else g]
-            context.guard.begin(self._step_parameters(group), method, lambda: compute_losses(batch))
-            method.before_step(step + offset)
-            prepare_method(
-                method,
+            group = groups[g]
+            done = method_step(
+                self.group_methods[g],
+                self.optimizers[0 if self.optimizer_mode == "shared" else g],
                 batch,
-                group,
-                self._step_parameters(group),
-                optimizer,
-                context,
                 compute_losses,
+                tasks=group,
+                shared=self.shared,
+                parameters=self._step_parameters(group),
+                index=step + offset,
+                environment=context.environment,
             )
-            optimizer.zero_grad(set_to_none=True)
-            result, group_weights, passes = forward_backward(
-                batch, group, method, self.shared, context, compute_losses
-            )
-            if not report_losses:
-                report_losses = first_losses(result)
-            if context.guard.commit(context):  # False: a skipped step (mtlkit.training.nonfinite)
-                context.optimizer_step(optimizer)
-                context.guard.check_weights()
-                context.on_optimizer_step()
-                method.after_step(losses_after_step(method, batch, compute_losses, group))
-            weights.update(group_weights)
-            backwards += passes
+            report_losses = report_losses or done.losses
+            weights.update(done.weights)
+            backwards += done.backwards
         return StepReport(report_losses, weights, steps=len(groups), backwards=backwards)
 
     def on_epoch_end(self, epoch: int) -> None:

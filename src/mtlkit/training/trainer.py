@@ -19,7 +19,6 @@ import copy
 import csv
 import json
 import math
-import resource
 import signal
 import sys
 import threading
@@ -33,7 +32,6 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice per epoch
 
-from mtlkit.app.validation import check_training
 from mtlkit.data.multi_input import MultiInputLoader
 from mtlkit.engine.backward import StepRoute
 from mtlkit.engine.precision import Precision
@@ -52,13 +50,16 @@ from mtlkit.training.checkpoint import (
     remove_partial_files,
     save_checkpoint,
 )
+from mtlkit.training.devices import model_hook, peak_memory_mb, resolve_device, to_device
 from mtlkit.training.diagnostics import ExplorationTracker, exploration_parameters
+from mtlkit.training.forward import ForwardResult
 from mtlkit.training.logs import CsvLog, require_tensorboard, with_tensorboard, write_json_atomic
 from mtlkit.training.nonfinite import check_policy
 from mtlkit.training.optim import OptimizerFactory
 from mtlkit.training.optim import optimizer as default_optimizer
+from mtlkit.training.preflight import check_training
 from mtlkit.training.run_dir import config_hash, read_marker
-from mtlkit.training.strategies import ForwardResult, Joint, Strategy, StrategyContext
+from mtlkit.training.strategies import Joint, Strategy, StrategyContext
 
 
 @dataclass(frozen=True)
@@ -856,44 +857,3 @@ class StopOnSignal:
 def flatten_results(results: Results, prefix: str) -> dict[str, float]:
     """``{task: {metric: v}}`` -> ``{"prefix/task/metric": v}``."""
     return {f"{prefix}/{t}/{m}": v for t, ms in results.items() for m, v in ms.items()}
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """A ``torch.device``, checking that a CUDA device exists when one is asked for."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise MtlkitError(f"invalid device {device!r}; use cpu, cuda or cuda:N") from error
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MtlkitError(f"device {device!r} asked for, but CUDA is not available here")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise MtlkitError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise MtlkitError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
-    return dev
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor of a nested batch (tuples, lists, dicts) to ``device``."""
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory: CUDA allocator peak on a GPU, the process's peak RSS on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def model_hook(model: nn.Module, name: str, *args: Any) -> Any:
-    """Call the optional model hook ``name`` (``auxiliary_losses``, ``on_train_step``,
-    ``on_epoch_end``) if the model defines it; ``None`` otherwise."""
-    hook = getattr(model, name, None)
-    return hook(*args) if callable(hook) else None
