@@ -58,6 +58,7 @@ from mtlkit.architectures.moe import DSelectK, MMoE
 from mtlkit.architectures.mpnn import MPNNEncoder
 from mtlkit.architectures.mtan import MTAN
 from mtlkit.architectures.ple import PLE
+from mtlkit.architectures.segnet import SegNet, SegNetMTAN
 
 
 @ARCHITECTURES.register("hps")
@@ -104,6 +105,8 @@ __all__ = [
     "MPNNEncoder",
     "MaximumRoaming",
     "MultiTaskArchitecture",
+    "SegNet",
+    "SegNetMTAN",
     "build",
     "build_backbone",
     "build_encoder",
