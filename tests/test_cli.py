@@ -64,7 +64,7 @@ def test_default_output_folder_never_overwrites(tmp_path, monkeypatch, capsys):
         (["train", "--data", "nyu"], "unknown dataset 'nyu'"),
         (["train", "--device", "cuda:7"], "device"),
         (["train", "--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
-        (["train", "--resume", "missing"], "--resume 'missing': no config.yaml there"),
+        (["train", "--resume", "missing"], "--resume 'missing': no such folder"),
         (["train", "checkpoint_every=0"], "checkpoint_every must be >= 1"),
     ],
 )

@@ -13,7 +13,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "mtlkit"
 
 LAYERS: list[set[str]] = [
-    {"errors", "registry"},
+    {"errors", "registry", "version"},
     {"engine"},
     {"methods"},
     {"metrics", "tasks", "architectures", "data"},

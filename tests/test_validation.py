@@ -194,7 +194,7 @@ def test_resume_with_damaged_logs_is_a_clear_error(tmp_path, capsys):
     assert main(["train", *TINY, "checkpoint_every=1", f"out={run}"]) == 0
     (run / "steps.csv").write_text("garbage\n")
     code, err = run_cli(["train", "--resume", str(run), "steps=2"], capsys)
-    assert_user_error(code, err, "cannot continue the logs")
+    assert_user_error(code, err, "cannot continue the log ")
 
 
 def test_registry_argument_types():

@@ -27,7 +27,7 @@ from mtlkit.training.strategies import (
 )
 from mtlkit.training.trainer import Budget, Trainer
 
-__version__ = "0.1.0"
+from mtlkit.version import __version__
 
 __all__ = [
     "HPS",

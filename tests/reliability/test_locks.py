@@ -185,3 +185,49 @@ def test_two_identical_compares_train_each_run_once(tmp_path):
             if f"] {job}: done in" in line and "finished by another process" not in line
         ]
         assert len(trained) == 1, (job, outputs)
+
+
+def test_a_failed_claim_removes_the_folders_it_made_and_nothing_else(tmp_path):
+    from mtlkit.errors import ConfigError
+    from mtlkit.training.run_dir import claim_run_dir
+
+    deep = tmp_path / "a" / "b" / "run"
+    with pytest.raises(ConfigError, match="found with the data"):
+        with claim_run_dir(deep, config_hash="h"):
+            assert (deep / ".mtlkit-run.json").is_file()
+            raise ConfigError("found with the data")
+    assert not (tmp_path / "a").exists()  # the claim made a/b/run: all three gone
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(ConfigError):
+        with claim_run_dir(existing, config_hash="h"):
+            raise ConfigError("found with the data")
+    assert existing.is_dir()  # the user's folder stays
+    kept = tmp_path / "kept"
+    with pytest.raises(ConfigError):
+        with claim_run_dir(kept, config_hash="h"):
+            (kept / "steps.csv").write_text("step\n")
+            raise ConfigError("after the first write")
+    assert (kept / "steps.csv").is_file() and (kept / ".mtlkit-run.json").is_file()
+    fine = tmp_path / "fine"
+    with claim_run_dir(fine, config_hash="h"):
+        pass
+    assert (fine / ".mtlkit-run.json").is_file()  # no error: the run folder stays
+
+
+def test_a_lock_file_removed_by_its_holder_is_not_locked_by_a_waiter(tmp_path):
+    from mtlkit.training.run_dir import RunLock, _same_file
+
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    fd = os.open(lock.path, os.O_RDWR)  # a waiter that opened the file before it went
+    try:
+        assert _same_file(fd, lock.path)
+        lock.release(remove=True)
+        assert not _same_file(fd, lock.path)  # gone: the waiter must not count it as the lock
+        again = RunLock(tmp_path)
+        again.acquire()  # opens (creates) the new lock file
+        assert not _same_file(fd, lock.path) and again.held
+        again.release()
+    finally:
+        os.close(fd)

@@ -18,7 +18,9 @@ One writer per folder: the claim holds an advisory lock (``fcntl.flock`` on ``.m
 released by the kernel when the process ends, even on ``SIGKILL``) for as long as the run lasts; a
 second writer is refused with a :class:`RunLockedError` naming the holder's PID. A process may
 claim a folder it holds again (the CLI claims before reading data, the run builder again): the
-inner claim changes nothing. The lock is advisory and local: it does not protect a folder on a
+inner claim changes nothing. A claim that made the folder and ends in an error before the run
+wrote a file removes the folder again (a config error found once the data is loaded leaves no
+empty run folder behind). The lock is advisory and local: it does not protect a folder on a
 network file system shared by several machines that lacks ``flock``.
 """
 
@@ -39,6 +41,7 @@ from typing import Any
 from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.training.checkpoint import CHECKPOINT_NAME, MODEL_NAME, RUN_FILES
 from mtlkit.training.logs import WriteError, partial_target, write_json_atomic
+from mtlkit.version import __version__
 
 try:  # POSIX
     import fcntl
@@ -84,8 +87,6 @@ class RunMarker:
 
     @classmethod
     def new(cls, config_hash: str) -> RunMarker:
-        from mtlkit import __version__
-
         created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         return cls(uuid.uuid4().hex, created, config_hash, __version__)
 
@@ -172,18 +173,22 @@ class RunLock:
         """
         if self._fd is not None:
             return
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as error:
-            raise WriteError(self.path, error) from error
-        try:
-            _lock(fd, blocking)
-        except BlockingIOError:
-            os.close(fd)
-            raise RunLockedError(self.folder, self.holder()) from None
-        except BaseException:
-            os.close(fd)
-            raise
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as error:
+                raise WriteError(self.path, error) from error
+            try:
+                _lock(fd, blocking)
+            except BlockingIOError:
+                os.close(fd)
+                raise RunLockedError(self.folder, self.holder()) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # the holder removed the folder it had made: lock the new file
         self._fd = fd
         try:
             os.ftruncate(fd, 0)
@@ -193,10 +198,13 @@ class RunLock:
                 self.release()
                 raise WriteError(self.path, error) from error
 
-    def release(self) -> None:
-        """Give the lock up (closing the file releases it)."""
+    def release(self, remove: bool = False) -> None:
+        """Give the lock up (closing the file releases it); with ``remove``, delete the lock
+        file first (a waiting process then sees that its file is gone and opens the new one)."""
         if self._fd is not None:
             fd, self._fd = self._fd, None
+            if remove:
+                self.path.unlink(missing_ok=True)
             os.close(fd)
 
     def __enter__(self) -> RunLock:
@@ -205,6 +213,16 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the file at ``path`` (not unlinked meanwhile)."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
 
 
 def _lock(fd: int, blocking: bool) -> None:
@@ -384,15 +402,51 @@ def claim_run_dir(
         yield _HELD[key]
         return
     _refuse_foreign(folder, resume, overwrite)
+    made = _missing_ancestors(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise WriteError(folder, error) from error
     lock = RunLock(folder)
     lock.acquire()
+    failed = True
     try:
         _HELD[key] = _settle(folder, config_hash, resume, overwrite, finished, adopt)
         yield _HELD[key]
+        failed = False
     finally:
         _HELD.pop(key, None)
-        lock.release()
+        unused = failed and bool(made) and _holds_only_the_claim(folder)
+        if unused:
+            (folder / MARKER_NAME).unlink(missing_ok=True)
+        lock.release(remove=unused)
+        if unused:
+            _remove_empty(made)
+
+
+def _missing_ancestors(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, innermost first."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def _holds_only_the_claim(folder: Path) -> bool:
+    """Whether ``folder`` holds nothing but its marker and lock (the run wrote no file)."""
+    try:
+        return {entry.name for entry in folder.iterdir()} <= {MARKER_NAME, LOCK_NAME}
+    except OSError:
+        return False
+
+
+def _remove_empty(made: list[Path]) -> None:
+    """Remove the folders a claim made (innermost first) while they are empty: a run that
+    failed before writing anything (a user error found with the data) leaves nothing behind."""
+    for path in made:
+        try:
+            path.rmdir()
+        except OSError:  # another process wrote into it meanwhile: it stays
+            return
