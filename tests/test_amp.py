@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from mtlkit import Budget, ConfigError, Joint, Task, Trainer, methods
 from mtlkit.app.config import TrainConfig
 from mtlkit.engine.precision import LossScaler, Precision
-from mtlkit.methods.base import GradientAggregator
+from mtlkit.methods.base import Decision, GradientAggregator
 from mtlkit.training.checkpoint import load_checkpoint
 from mtlkit.training.optim import optimizer
 
@@ -44,9 +44,9 @@ class Spy(GradientAggregator):
         super().__init__()
         self.seen: list[torch.Tensor] = []
 
-    def forward(self, jacobian, losses=None, blocks=None):
+    def aggregate(self, jacobian, losses=None, blocks=None):
         self.seen.append(jacobian.detach().clone())
-        return jacobian.mean(dim=0)
+        return Decision(direction=jacobian.mean(dim=0))
 
 
 def fit(method, amp="none", budget=None, rep_grad=False, scale=1.0, **kwargs):

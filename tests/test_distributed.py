@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from mtlkit import Alternating, Budget, ConfigError, Joint, Task, Trainer, methods
 from mtlkit.architectures import HPS
 from mtlkit.engine.precision import LossScaler, Precision
-from mtlkit.methods.base import GradientAggregator
+from mtlkit.methods.base import Decision, GradientAggregator
 from mtlkit.parallel.ddp import Reducer, shard_batch, shard_loader
 from mtlkit.training.optim import optimizer
 
@@ -268,13 +268,14 @@ def test_a_single_process_reducer_only_unscales():
     seen = []
 
     class Spy(GradientAggregator):
-        def forward(self, jacobian, losses=None, blocks=None):
+        def aggregate(self, jacobian, losses=None, blocks=None):
             seen.append(jacobian.clone())
-            return jacobian.sum(dim=0)
+            return Decision(direction=jacobian.sum(dim=0))
 
-    direction = reducer.aggregate(Spy(), jac, torch.ones(2), [torch.zeros(2)], features=False)
+    decision = reducer.aggregate(Spy(), jac, torch.ones(2), [torch.zeros(2)], features=False)
     torch.testing.assert_close(seen[0], jac / 8)
-    torch.testing.assert_close(direction, jac.sum(dim=0))  # back in the scaled units
+    torch.testing.assert_close(decision.direction, jac.sum(dim=0))  # back in the scaled units
+    assert decision.weights is None
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")

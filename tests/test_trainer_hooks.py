@@ -14,7 +14,7 @@ import mtlkit
 from mtlkit import Budget, Joint, Trainer
 from mtlkit.architectures import HPS
 from mtlkit.errors import ConfigError, MtlkitError
-from mtlkit.methods import GradientAggregator
+from mtlkit.methods import Decision, GradientAggregator
 from mtlkit.metrics import MeanSquaredError
 from mtlkit.tasks import Task
 from mtlkit.training.batches import BatchStream
@@ -58,9 +58,9 @@ class RecordingExtra(GradientAggregator):
     def observe_extra(self, jacobians: Sequence[Tensor]) -> None:
         self.observed.append([j.clone() for j in jacobians])
 
-    def forward(self, jacobian: Tensor, losses=None, blocks=None) -> Tensor:
+    def aggregate(self, jacobian: Tensor, losses=None, blocks=None) -> Decision:
         assert len(self.observed[-1]) == 2 and self.observed[-1][0].shape == jacobian.shape
-        return jacobian.mean(dim=0)
+        return Decision(direction=jacobian.mean(dim=0))
 
 
 def loader(dataset, seed: int = 0) -> DataLoader:
@@ -74,8 +74,8 @@ def frozen(params):
 
 
 class Mean(GradientAggregator):
-    def forward(self, jacobian: Tensor, losses=None, blocks=None) -> Tensor:
-        return jacobian.mean(dim=0)
+    def aggregate(self, jacobian: Tensor, losses=None, blocks=None) -> Decision:
+        return Decision(direction=jacobian.mean(dim=0))
 
 
 def test_extra_batches_come_from_an_independent_stream_and_leave_the_main_order_alone(tmp_path):

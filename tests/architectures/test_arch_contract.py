@@ -111,7 +111,7 @@ def test_every_parameter_gets_a_gradient_under_mgda(key):
     task_losses = list(losses(model, x, targets).values())
     shared = list(model.shared_parameters())
     jac = mtlkit.jacobian(task_losses, shared)
-    weights = mtlkit.backward(task_losses, shared=shared, method=MGDA())
+    weights = mtlkit.backward(task_losses, shared=shared, method=MGDA()).weights
     assert weights is not None and bool((weights > 1e-6).all()), weights  # every task counts
     _check_every_parameter_trains(model, ids(shared))
     # the shared parameters hold exactly MGDA's direction w @ J

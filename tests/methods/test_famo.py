@@ -19,7 +19,6 @@ from loss_checks import (
 )
 from torch import nn
 
-import mtlkit
 from mtlkit import Joint, methods
 from mtlkit.engine.backward import method_backward
 from mtlkit.errors import ConfigError, NonFiniteError
