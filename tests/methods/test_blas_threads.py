@@ -17,7 +17,7 @@ import pytest
 import torch
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
-from mtlkit.methods import GradientAggregator, GramianWeighting
+from mtlkit.methods import Decision, GradientAggregator, GramianWeighting
 from mtlkit.methods.blas_threads import one_blas_thread
 
 
@@ -37,10 +37,10 @@ class RecordsThreads(GramianWeighting):
         return torch.ones(gramian.shape[0], dtype=gramian.dtype)
 
 
-class RecordsInForward(GradientAggregator):
-    def forward(self, jacobian, losses=None, blocks=None):
+class RecordsInAggregate(GradientAggregator):
+    def aggregate(self, jacobian, losses=None, blocks=None):
         self.seen = blas_threads()
-        return jacobian.sum(dim=0)
+        return Decision(direction=jacobian.sum(dim=0))
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def two_blas_threads():
         yield before
 
 
-@pytest.mark.parametrize("method", [RecordsThreads(), RecordsInForward()])
+@pytest.mark.parametrize("method", [RecordsThreads(), RecordsInAggregate()])
 def test_methods_run_with_one_blas_thread_and_restore_the_count(method, two_blas_threads):
     method(torch.eye(3, 5, dtype=torch.float64))
     assert method.seen == all_one(two_blas_threads)

@@ -179,3 +179,20 @@ def test_repr_round_trips_the_constructor_arguments(name):
     again = METHODS.get(name, **method.hparams())
     assert repr(again) == repr(method)
     assert repr(method).startswith(type(method).__name__ + "(")
+
+
+def test_an_aggregator_written_against_forward_is_refused_at_definition():
+    from mtlkit.methods.base import GradientAggregator
+
+    with pytest.raises(TypeError, match=r"OldStyle overrides forward\(\).*aggregate\(jacobian"):
+
+        class OldStyle(GradientAggregator):
+            def forward(self, jacobian, losses=None, blocks=None):
+                return jacobian.sum(dim=0)
+
+    class NewStyle(GradientAggregator):
+        def aggregate(self, jacobian, losses=None, blocks=None):
+            return Decision(direction=jacobian.sum(dim=0))
+
+    jac = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    torch.testing.assert_close(NewStyle()(jac), torch.tensor([4.0, 1.0]))

@@ -207,6 +207,12 @@ class GradientAggregator(Method):
         """Every ``aggregate``/``weights``/``decide`` runs with NumPy's BLAS on one thread
         (:mod:`mtlkit.methods.blas_threads`: its spinning workers slowed the step 2.5x)."""
         super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__ and "aggregate" not in cls.__dict__:
+            raise TypeError(
+                f"{cls.__name__} overrides forward(); a GradientAggregator implements "
+                "aggregate(jacobian, losses, blocks) -> Decision(direction=..., weights=...) "
+                "and forward returns its direction"
+            )
         for name in ("aggregate", "weights", "decide"):
             if name in cls.__dict__:
                 setattr(cls, name, single_blas_thread(cls.__dict__[name]))
