@@ -13,7 +13,7 @@ import torch
 
 from mtlkit.engine.contract import Decision, WeightedLoss
 from mtlkit.methods import METHODS
-from mtlkit.methods.base import StepProbe
+from mtlkit.methods.base import StepProbe, constructor_arguments
 
 F64 = torch.float64
 NAMES = METHODS.available()
@@ -176,7 +176,9 @@ def test_seeded_methods_are_deterministic(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_repr_round_trips_the_constructor_arguments(name):
     method = _build(name)
-    again = METHODS.get(name, **method.hparams())
+    hparams = method.hparams()
+    assert list(hparams) == constructor_arguments(type(method))  # every argument, in order
+    again = METHODS.get(name, **hparams)
     assert repr(again) == repr(method)
     assert repr(method).startswith(type(method).__name__ + "(")
 
@@ -196,3 +198,26 @@ def test_an_aggregator_written_against_forward_is_refused_at_definition():
 
     jac = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
     torch.testing.assert_close(NewStyle()(jac), torch.tensor([4.0, 1.0]))
+
+
+def test_hparams_come_from_the_constructor_and_name_what_is_not_kept():
+    from mtlkit.methods.base import GramianWeighting
+
+    class Scaled(GramianWeighting):
+        def __init__(self, scale: float = 2.0, num_tasks: int | None = None) -> None:
+            super().__init__()
+            self.scale = scale
+
+        def weights(self, gramian, losses=None):
+            return torch.full((gramian.shape[0],), self.scale)
+
+    assert Scaled(3.5).hparams() == {"scale": 3.5}  # num_tasks is fixed by setup, not shown
+    assert repr(Scaled(3.5)) == "Scaled(scale=3.5)"
+
+    class Forgets(GramianWeighting):
+        def __init__(self, beta: float = 0.5) -> None:
+            super().__init__()
+            self._beta = beta
+
+    with pytest.raises(TypeError, match=r"Forgets: the constructor argument 'beta' is not kept"):
+        Forgets().hparams()

@@ -127,7 +127,7 @@ def test_reset_restarts_the_average_and_the_inner_method() -> None:
 def test_arguments_registry_and_errors() -> None:
     method = methods.get("smoothed")
     assert type(method) is Smoothed and isinstance(method.inner, MGDA)
-    assert method.hparams() == {"inner": "mgda", "beta": 0.9, "init": "first"}
+    assert method.hparams() == {"inner": "mgda", "beta": 0.9, "inner_args": None, "init": "first"}
     assert methods.get("cr_mogm", inner="mgda", inner_args={"normalization": "l2"}).hparams() == {
         "inner": "mgda",
         "beta": 0.9,

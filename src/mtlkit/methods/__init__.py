@@ -16,6 +16,7 @@ from mtlkit.methods.base import (
     GramianWeighting,
     LossWeighting,
     Method,
+    Seeded,
     WeightedLoss,
 )
 from mtlkit.methods.basic import RGW, Constant, Mean, Random, Sum
@@ -102,6 +103,7 @@ __all__ = [
     "PCGrad",
     "Random",
     "SDMGrad",
+    "Seeded",
     "Smoothed",
     "Sum",
     "TrimmedMean",

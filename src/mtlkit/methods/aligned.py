@@ -82,9 +82,6 @@ class AlignedMTL(GramianWeighting):
                 )
         self.task_weights = task_weights
 
-    def hparams(self) -> dict[str, object]:
-        return {"scale_mode": self.scale_mode, "task_weights": self.task_weights}
-
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         work, _ = gramian_to_numpy(gramian, "AlignedMTL")
         m = work.shape[0]

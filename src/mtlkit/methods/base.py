@@ -23,6 +23,7 @@ else. ``protocol()`` says which hooks a method depends on, so that :func:`mtlkit
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
@@ -41,6 +42,7 @@ __all__ = [
     "GramianWeighting",
     "LossWeighting",
     "Method",
+    "Seeded",
     "SolverStatus",
     "StepProbe",
     "WeightedLoss",
@@ -162,8 +164,25 @@ class Method(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
 
     def hparams(self) -> dict[str, object]:
-        """The constructor arguments, for ``repr`` and logging."""
-        return {}
+        """The constructor arguments (but ``num_tasks``, which ``setup`` fixes), for ``repr``,
+        logging and rebuilding: ``type(m)(**m.hparams())`` makes the same method. Read from the
+        constructor's signature, each value by :meth:`hparam`."""
+        return {name: self.hparam(name) for name in constructor_arguments(type(self))}
+
+    def hparam(self, name: str) -> object:
+        """The value of the constructor argument ``name``: the attribute of the same name.
+        Override for an argument kept under another name.
+
+        Raises:
+            TypeError: if the method keeps no attribute ``name``.
+        """
+        try:
+            return getattr(self, name)
+        except AttributeError:
+            raise TypeError(
+                f"{type(self).__name__}: the constructor argument {name!r} is not kept as "
+                f"self.{name}; keep it so, or override hparam() for it"
+            ) from None
 
 
 class LossWeighting(Method):
@@ -302,6 +321,18 @@ def as_generator(generator: torch.Generator | int | None) -> torch.Generator:
     return g
 
 
+def constructor_arguments(cls: type) -> list[str]:
+    """The names of ``cls``'s constructor arguments a method's hyperparameters are made of:
+    every named one but ``num_tasks`` (fixed by ``setup``)."""
+    signature = inspect.signature(cls.__init__)
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [
+        p.name
+        for p in list(signature.parameters.values())[1:]
+        if p.kind in kinds and p.name != "num_tasks"
+    ]
+
+
 class GeneratorState:
     """A method's random-number generator with the state needed to restore it.
 
@@ -325,3 +356,29 @@ class GeneratorState:
 
     def set_state(self, state: Tensor) -> None:
         self.generator.set_state(state)
+
+
+class Seeded:
+    """Mixin of a method that draws from its own random-number generator ``self.rng``
+    (a :class:`GeneratorState` made by :meth:`seed_with` from the constructor's ``generator``):
+    ``reset`` restores it, the ``state_dict`` carries its state (a resumed run draws what the
+    uninterrupted one would), and ``hparams`` shows its seed. List it before the method's base:
+    ``class GradDrop(Seeded, GradientAggregator)``."""
+
+    rng: GeneratorState
+
+    def seed_with(self, generator: torch.Generator | int | None) -> None:
+        self.rng = GeneratorState(generator)
+
+    def hparam(self, name: str) -> object:
+        return self.rng.seed if name == "generator" else super().hparam(name)  # type: ignore[misc]
+
+    def reset(self) -> None:
+        self.rng.reset()  # first: a reset that draws (RLW's normal parameters) draws afresh
+        super().reset()  # type: ignore[misc]
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"generator": self.rng.get_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.rng.set_state(state["generator"])

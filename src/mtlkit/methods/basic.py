@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from mtlkit.errors import NonFiniteError
-from mtlkit.methods.base import GeneratorState, GramianWeighting, check_gramian
+from mtlkit.methods.base import GramianWeighting, Seeded, check_gramian
 from mtlkit.methods.registry import METHODS
 
 
@@ -89,7 +88,7 @@ class Constant(GramianWeighting):
 
 
 @METHODS.register("rgw")
-class RGW(GramianWeighting):
+class RGW(Seeded, GramianWeighting):
     """Random gradient weighting (Lin, Ye, Zhang & Tsang, "Reasonable Effectiveness of Random
     Weighting: A Litmus Test for Multi-Task Learning", TMLR 2022).
 
@@ -107,23 +106,9 @@ class RGW(GramianWeighting):
             ``None``: fresh entropy, not restored.
     """
 
-
     def __init__(self, generator: torch.Generator | int | None = None) -> None:
         super().__init__()
-        self.rng = GeneratorState(generator)
-
-    def hparams(self) -> dict[str, object]:
-        return {"generator": self.rng.seed}
-
-    def reset(self) -> None:
-        super().reset()
-        self.rng.reset()
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"generator": self.rng.get_state()}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.rng.set_state(state["generator"])
+        self.seed_with(generator)
 
     def draw(self, num_tasks: int) -> Tensor:
         """``softmax(λ̃)``, ``λ̃ ~ N(0, I)``: ``[num_tasks]`` float64 weights on the CPU."""

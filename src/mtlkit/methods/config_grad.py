@@ -74,9 +74,6 @@ class ConFIG(GramianWeighting):
         self.direction_weights = direction_weights
         self.length = length
 
-    def hparams(self) -> dict[str, object]:
-        return {"direction_weights": self.direction_weights, "length": self.length}
-
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         """The weights ``w`` with ``d = w @ J`` (see the class docstring)."""
         check_gramian(gramian)

@@ -59,9 +59,6 @@ class ExcessMTL(LazyBuffers, GradientAggregator):
         self.register_buffer("reference", None)  # e⁰: [m], 0 until set
         self.last_excess: Tensor | None = None
 
-    def hparams(self) -> dict[str, object]:
-        return {"robust_step_size": self.robust_step_size, "eps": self.eps}
-
     def reset(self) -> None:
         super().reset()
         self.clear_lazy_buffers()

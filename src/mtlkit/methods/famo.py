@@ -83,14 +83,6 @@ class FAMO(TaskStateWeighting):
         if num_tasks is not None:
             self.setup(num_tasks)
 
-    def hparams(self) -> dict[str, object]:
-        return {
-            "lr": self.lr,
-            "weight_decay": self.weight_decay,
-            "min_loss": self.min_loss,
-            "eps": self.eps,
-        }
-
     # ------------------------------------------------------------------ state
     def init_state(self, num_tasks: int) -> None:
         if isinstance(self.min_loss, list) and len(self.min_loss) != num_tasks:

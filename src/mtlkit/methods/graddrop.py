@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from mtlkit.methods.base import Decision, GeneratorState, GradientAggregator, check_jacobian
+from mtlkit.methods.base import Decision, GradientAggregator, Seeded, check_jacobian
 from mtlkit.methods.registry import METHODS
 
 
 @METHODS.register("graddrop")
-class GradDrop(GradientAggregator):
+class GradDrop(Seeded, GradientAggregator):
     """Gradient sign dropout (Chen, Ngiam, Huang, Luong, Kretzschmar, Chai & Anguelov, "Just
     Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout", NeurIPS 2020).
 
@@ -51,7 +50,6 @@ class GradDrop(GradientAggregator):
             restores it to its state at construction. ``None``: fresh entropy, not restored.
     """
 
-
     def __init__(
         self,
         leak: float | Sequence[float] = 0.0,
@@ -62,22 +60,12 @@ class GradDrop(GradientAggregator):
         if not values or not all(0.0 <= v <= 1.0 for v in values):
             raise ValueError(f"leak must be in [0, 1] (one value or one per task), got {leak}")
         self.leak = float(leak) if isinstance(leak, (int, float)) else values
-        self.rng = GeneratorState(generator)
+        self.seed_with(generator)
         self.last_purity: Tensor | None = None
-
-    def hparams(self) -> dict[str, object]:
-        return {"leak": self.leak, "generator": self.rng.seed}
 
     def reset(self) -> None:
         super().reset()
-        self.rng.reset()
         self.last_purity = None
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"generator": self.rng.get_state()}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.rng.set_state(state["generator"])
 
     def aggregate(
         self, jacobian: Tensor, losses: Tensor | None = None, blocks: Sequence[int] | None = None

@@ -82,9 +82,6 @@ class GradNorm(LazyBuffers, GramianWeighting):
         self.clamped = 0
         self.last_norms: Tensor | None = None
 
-    def hparams(self) -> dict[str, object]:
-        return {"alpha": self.alpha, "lr": self.lr, "last_blocks": self.last_blocks}
-
     def reset(self) -> None:
         super().reset()
         self.clear_lazy_buffers()

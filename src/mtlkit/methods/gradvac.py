@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from mtlkit.methods.base import (
     Decision,
-    GeneratorState,
     GradientAggregator,
+    Seeded,
     check_blocks,
     check_jacobian,
 )
@@ -23,7 +23,7 @@ Grouping = Literal["blocks", "whole"]
 
 
 @METHODS.register("gradvac")
-class GradVac(LazyBuffers, GradientAggregator):
+class GradVac(Seeded, LazyBuffers, GradientAggregator):
     """Gradient Vaccine (Wang, Tsvetkov, Firat & Cao, "Gradient Vaccine: Investigating and
     Improving Multi-task Optimization in Massively Multilingual Models", ICLR 2021).
 
@@ -85,24 +85,14 @@ class GradVac(LazyBuffers, GradientAggregator):
                 raise ValueError(f"group sizes must be positive integers, got {grouping}")
         self.beta = float(beta)
         self.grouping = grouping
-        self.rng = GeneratorState(generator)
+        self.seed_with(generator)
         self.register_buffer("targets", None)  # φ̂: [m, m, groups]
         self.last_order: Tensor | None = None
-
-    def hparams(self) -> dict[str, object]:
-        return {"beta": self.beta, "grouping": self.grouping, "generator": self.rng.seed}
 
     def reset(self) -> None:
         super().reset()
         self.clear_lazy_buffers()
-        self.rng.reset()
         self.last_order = None
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"generator": self.rng.get_state()}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.rng.set_state(state["generator"])
 
     def groups(self, blocks: Sequence[int] | None, n: int) -> list[int]:
         """The column counts of the groups, from the engine's ``blocks``."""

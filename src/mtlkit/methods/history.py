@@ -56,9 +56,6 @@ class DWA(TaskStateWeighting):
         if num_tasks is not None:
             self.setup(num_tasks)
 
-    def hparams(self) -> dict[str, object]:
-        return {"temperature": self.temperature}
-
     def init_state(self, num_tasks: int) -> None:
         self.register_buffer("epoch_sum", torch.zeros(num_tasks, dtype=F64))
         self.register_buffer("epoch_steps", torch.zeros((), dtype=torch.long))
@@ -153,9 +150,6 @@ class SLAW(TaskStateWeighting):
         self.mean_steps = round(1.0 / (1.0 - self.beta))
         if num_tasks is not None:
             self.setup(num_tasks)
-
-    def hparams(self) -> dict[str, object]:
-        return {"beta": self.beta, "eps": self.eps}
 
     def init_state(self, num_tasks: int) -> None:
         self.register_buffer("first_moment", torch.zeros(num_tasks, dtype=F64))

@@ -64,9 +64,6 @@ class NGDiff(GramianWeighting):
         self.register_buffer("scale", torch.ones((), dtype=torch.float64))
         self.skipped = 0
 
-    def hparams(self) -> dict[str, object]:
-        return {"adaptive_lr": self.adaptive_lr}
-
     def reset(self) -> None:
         super().reset()
         self.scale.fill_(1.0)

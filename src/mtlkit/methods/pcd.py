@@ -173,9 +173,6 @@ class PCD(GramianWeighting):
         self.last_feasible: bool | None = None
         self.last_scales: Tensor | None = None
 
-    def hparams(self) -> dict[str, object]:
-        return {"tau": self.tau, "beta": self.beta, "eps": self.eps, "primary": self.primary}
-
     def reset(self) -> None:
         super().reset()
         self.sq_norm_average = None

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from mtlkit.methods.base import GeneratorState, GramianWeighting, check_gramian
+from mtlkit.methods.base import GramianWeighting, Seeded, check_gramian
 from mtlkit.methods.registry import METHODS
 
 
@@ -47,7 +45,7 @@ def random_orders(num_tasks: int, generator: torch.Generator) -> Tensor:
 
 
 @METHODS.register("pcgrad")
-class PCGrad(GramianWeighting):
+class PCGrad(Seeded, GramianWeighting):
     """Projecting conflicting gradients (Yu et al., "Gradient Surgery for Multi-Task Learning",
     NeurIPS 2020).
 
@@ -65,25 +63,14 @@ class PCGrad(GramianWeighting):
             restores it to its state at construction. ``None``: fresh entropy, not restored.
     """
 
-
     def __init__(self, generator: torch.Generator | int | None = None) -> None:
         super().__init__()
-        self.rng = GeneratorState(generator)
+        self.seed_with(generator)
         self.last_order: Tensor | None = None
-
-    def hparams(self) -> dict[str, object]:
-        return {"generator": self.rng.seed}
 
     def reset(self) -> None:
         super().reset()
-        self.rng.reset()
         self.last_order = None
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"generator": self.rng.get_state()}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.rng.set_state(state["generator"])
 
     def draw_order(self, num_tasks: int) -> Tensor:
         """``[m, m-1]`` on the CPU: row ``i`` a uniformly random permutation of the other tasks."""

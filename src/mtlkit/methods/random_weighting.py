@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from mtlkit.methods.base import GeneratorState, WeightedLoss
+from mtlkit.methods.base import Seeded, WeightedLoss
 from mtlkit.methods.registry import METHODS
 from mtlkit.methods.weighting import TaskStateWeighting
 
@@ -26,7 +26,7 @@ F64 = torch.float64
 
 
 @METHODS.register("rlw")
-class RLW(TaskStateWeighting):
+class RLW(Seeded, TaskStateWeighting):
     """Random loss weighting (Lin, Ye, Zhang & Tsang, "Reasonable Effectiveness of Random
     Weighting: A Litmus Test for Multi-Task Learning", TMLR 2022, Algorithm 1).
 
@@ -68,12 +68,9 @@ class RLW(TaskStateWeighting):
                 f"distribution must be one of {', '.join(DISTRIBUTIONS)}; got {distribution!r}"
             )
         self.distribution = distribution
-        self.rng = GeneratorState(generator)
+        self.seed_with(generator)
         if num_tasks is not None:
             self.setup(num_tasks)
-
-    def hparams(self) -> dict[str, object]:
-        return {"distribution": self.distribution, "generator": self.rng.seed}
 
     def init_state(self, num_tasks: int) -> None:
         self.register_buffer("normal_mean", torch.zeros(num_tasks, dtype=F64))
@@ -87,18 +84,8 @@ class RLW(TaskStateWeighting):
             self.normal_mean.copy_(torch.rand(m, generator=generator, dtype=F64))
             self.normal_std.copy_(torch.rand(m, generator=generator, dtype=F64))
 
-    def reset(self) -> None:
-        self.rng.reset()
-        super().reset()
-
     def reset_state(self) -> None:
         self._draw_normal_parameters()
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"generator": self.rng.get_state()}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.rng.set_state(state["generator"])
 
     def draw(self) -> Tensor:
         """One draw of the ``[m]`` weights, float64 on the CPU (the method must be set up)."""

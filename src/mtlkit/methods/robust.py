@@ -46,9 +46,6 @@ class TrimmedMean(GradientAggregator):
             raise ValueError(f"trim_number must be an integer >= 0, got {trim_number!r}")
         self.trim_number = int(trim_number)
 
-    def hparams(self) -> dict[str, object]:
-        return {"trim_number": self.trim_number}
-
     def aggregate(
         self, jacobian: Tensor, losses: Tensor | None = None, blocks: Sequence[int] | None = None
     ) -> Decision:
@@ -106,9 +103,6 @@ class Krum(GramianWeighting):
         self.n_selected = int(n_selected)
         self.score = score
         self.last_scores: Tensor | None = None
-
-    def hparams(self) -> dict[str, object]:
-        return {"n_byzantine": self.n_byzantine, "n_selected": self.n_selected, "score": self.score}
 
     def scores(self, gramian: Tensor) -> Tensor:
         """The Krum score ``s(i)`` of every task (``[m]``) from the Gramian."""

@@ -86,10 +86,12 @@ class Smoothed(GramianWeighting):
         self.smoothed: Tensor | None = None
         self.steps = 0
 
-    def hparams(self) -> dict[str, object]:
-        inner = self.inner_name if self.inner_name is not None else self.inner
-        args = {"inner_args": self.inner_args} if self.inner_args else {}
-        return {"inner": inner, "beta": self.beta, **args, "init": self.init}
+    def hparam(self, name: str) -> object:
+        if name == "inner":
+            return self.inner_name if self.inner_name is not None else self.inner
+        if name == "inner_args":
+            return self.inner_args or None
+        return super().hparam(name)
 
     @property
     def needs_losses(self) -> bool:

@@ -78,9 +78,6 @@ class STCH(TaskStateWeighting):
         if num_tasks is not None:
             self.setup(num_tasks)
 
-    def hparams(self) -> dict[str, object]:
-        return {"mu": self.mu, "warmup_epochs": self.warmup_epochs}
-
     def init_state(self, num_tasks: int) -> None:
         self.register_buffer("nadir", torch.ones(num_tasks, dtype=F64))
         self.register_buffer("nadir_sum", torch.zeros(num_tasks, dtype=F64))

@@ -127,9 +127,6 @@ class MoDo(DoubleSampling):
         self.gamma = float(gamma)
         self.rho = float(rho)
 
-    def hparams(self) -> dict[str, object]:
-        return {"gamma": self.gamma, "rho": self.rho}
-
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         """The updated ``λ`` (the step's own Gramian is not used: see the class docstring)."""
         check_gramian(gramian)
@@ -196,15 +193,6 @@ class SDMGrad(DoubleSampling):
         self.momentum = float(momentum)
         self.niter = int(niter)
         self.normalize = bool(normalize)
-
-    def hparams(self) -> dict[str, object]:
-        return {
-            "lambda_reg": self.lambda_reg,
-            "lr": self.lr,
-            "momentum": self.momentum,
-            "niter": self.niter,
-            "normalize": self.normalize,
-        }
 
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         """``(w + λ/m) / (1 + λ)`` after the inner iterations on ``w``."""

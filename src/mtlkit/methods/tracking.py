@@ -135,17 +135,6 @@ class MoCo(TrackedGradients):
         """Whether the gradient normalisation uses the task losses."""
         return self.gradient_normalization == "loss"
 
-    def hparams(self) -> dict[str, object]:
-        return {
-            "beta": self.beta,
-            "beta_sigma": self.beta_sigma,
-            "gamma": self.gamma,
-            "gamma_sigma": self.gamma_sigma,
-            "rho": self.rho,
-            "gradient_normalization": self.gradient_normalization,
-            "lambda_update": self.lambda_update,
-        }
-
     def aggregate(
         self, jacobian: Tensor, losses: Tensor | None = None, blocks: Sequence[int] | None = None
     ) -> Decision:
@@ -217,9 +206,6 @@ class DBMTL(TrackedGradients):
     def needs_losses(self) -> bool:
         """Whether the log transformation uses the task losses."""
         return self.log_losses
-
-    def hparams(self) -> dict[str, object]:
-        return {"beta": self.beta, "beta_sigma": self.beta_sigma, "log_losses": self.log_losses}
 
     def aggregate(
         self, jacobian: Tensor, losses: Tensor | None = None, blocks: Sequence[int] | None = None

@@ -78,9 +78,6 @@ class EW(LossWeighting):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         self.reduction = reduction
 
-    def hparams(self) -> dict[str, object]:
-        return {"reduction": self.reduction}
-
     def forward(self, losses: Tensor) -> WeightedLoss:
         check_losses(losses)
         value = 1.0 if self.reduction == "sum" else 1.0 / losses.numel()
@@ -112,9 +109,6 @@ class LS(LossWeighting):
             self.weights: list[float] | None = values
         else:
             self.weights = None
-
-    def hparams(self) -> dict[str, object]:
-        return {"weights": self.weights}
 
     def setup(self, num_tasks: int) -> None:
         super().setup(num_tasks)
@@ -236,9 +230,6 @@ class UW(LossWeighting):
         if num_tasks is not None:
             self.setup(num_tasks)
 
-    def hparams(self) -> dict[str, object]:
-        return {"forms": self.forms, "init": self.init}
-
     def setup(self, num_tasks: int) -> None:
         if self.log_vars is not None:
             if self.log_vars.numel() != num_tasks:
@@ -305,9 +296,6 @@ class IMTLL(TaskStateWeighting):
         self.init = float(init)
         if num_tasks is not None:
             self.setup(num_tasks)
-
-    def hparams(self) -> dict[str, object]:
-        return {"init": self.init}
 
     def init_state(self, num_tasks: int) -> None:
         self.log_scales = nn.Parameter(torch.full((num_tasks,), self.init))

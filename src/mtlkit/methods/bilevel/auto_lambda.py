@@ -102,14 +102,6 @@ class AutoLambda(BilevelWeighting):
             raise ValueError(f"init must be finite, got {init}")
         self.radius = check_positive("radius", radius)
 
-    def hparams(self) -> dict[str, object]:
-        return {
-            "primary": self.primary,
-            "init": self.init,
-            "meta_lr": self.meta_lr,
-            "radius": self.radius,
-        }
-
     def _initial_upper(self) -> float:
         return self.init
 

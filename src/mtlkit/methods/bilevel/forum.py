@@ -200,16 +200,6 @@ class FORUM(BilevelWeighting):
         self.last_inner_lr: float | None = None
         self.last_inner_values: list[float] | None = None
 
-    def hparams(self) -> dict[str, object]:
-        return {
-            "meta_lr": self.meta_lr,
-            "inner_lr": self.inner_lr,
-            "inner_steps": self.inner_steps,
-            "rho": self.rho,
-            "ema_power": self.ema_power,
-            "primary": self.primary,
-        }
-
     def _initial_upper(self) -> float:
         return 0.0
 

@@ -84,14 +84,6 @@ class MOML(BilevelWeighting):
         self.last_mgda_weights: Tensor | None = None
         self.last_unrolled: Tensor | None = None
 
-    def hparams(self) -> dict[str, object]:
-        return {
-            "meta_lr": self.meta_lr,
-            "inner_lr": self.inner_lr,
-            "normalization": self.normalization,
-            "primary": self.primary,
-        }
-
     def _initial_upper(self) -> float:
         return 0.0  # any constant: softmax gives 1/m
 
