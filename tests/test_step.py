@@ -116,18 +116,34 @@ def test_dwa_state_moves_with_epochs():
 
 
 @pytest.mark.parametrize(
-    "name", ["famo", "dwa", "stch", "modo", "sdmgrad", "ngdiff", "auto_lambda", "forum"]
+    "name, kwargs",
+    [
+        ("famo", {}),
+        ("dwa", {}),
+        ("stch", {}),
+        ("modo", {}),
+        ("sdmgrad", {}),
+        ("ngdiff", {"adaptive_lr": True}),
+        ("auto_lambda", {}),
+        ("forum", {}),
+    ],
 )
-def test_backward_refuses_methods_that_need_the_protocol(name):
+def test_backward_refuses_methods_that_need_the_protocol(name, kwargs):
     model = tiny_hps()
     x, y = _batches(1)[0]
     out = model(x)
     losses = [_mse(out[t], y[t]) for t in TASKS]
-    method = METHODS.get(name)
+    method = METHODS.get(name, **kwargs)
     assert method.protocol()
     with pytest.raises(ConfigError, match=r"mtlkit\.Step"):
         mtlkit.backward(losses, shared=model.shared_parameters(), method=method)
     assert all(p.grad is None for p in model.parameters())  # refused before any backward
+
+
+def test_ngdiff_needs_its_probe_only_with_the_adaptive_learning_rate():
+    assert methods.NGDiff().protocol() == ()
+    assert methods.NGDiff(adaptive_lr=True).protocol() == ("prepare",)
+    assert methods.AutoLambda().protocol()[0] == "prepare"
 
 
 @pytest.mark.parametrize("name", ["ew", "uw", "mgda", "upgrad", "pcgrad", "cagrad", "imtl_l"])

@@ -146,16 +146,15 @@ class Method(nn.Module):
                 module.reset()
 
     def protocol(self) -> tuple[str, ...]:
-        """The parts of the step protocol this method depends on beyond one call: the hooks of
-        :data:`HOOKS` its class overrides (or needs: ``prepare`` with ``needs_probe``,
-        ``after_step`` with ``needs_losses_after``), and ``"extra_batches"`` when it needs
-        independent batches. Empty for a method that one call of :func:`mtlkit.backward` runs
-        completely."""
-        needs = [h for h in HOOKS if getattr(type(self), h) is not getattr(Method, h)]
-        if self.needs_probe and "prepare" not in needs:
-            needs.append("prepare")
-        if self.needs_losses_after and "after_step" not in needs:
-            needs.append("after_step")
+        """The parts of the step protocol this method depends on beyond one call, in the order
+        of :data:`HOOKS`: the hooks its class overrides, ``prepare`` exactly when
+        ``needs_probe`` (only then is it called: NGDiff's takes part with ``adaptive_lr``
+        alone), ``after_step`` also with ``needs_losses_after``; then ``"extra_batches"`` when
+        it needs independent batches. Empty for a method that one call of
+        :func:`mtlkit.backward` runs completely."""
+        overridden = {h for h in HOOKS if getattr(type(self), h) is not getattr(Method, h)}
+        needed = {"prepare": self.needs_probe, "after_step": self.needs_losses_after}
+        needs = [h for h in HOOKS if needed.get(h, False) or (h in overridden and h != "prepare")]
         if self.extra_batches:
             needs.append("extra_batches")
         return tuple(needs)
