@@ -17,14 +17,10 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import math
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
@@ -40,79 +36,33 @@ from mtlkit.methods.solvers import SolverError
 from mtlkit.parallel.ddp import Parallel
 from mtlkit.tasks import Task
 from mtlkit.training.batches import BatchStream
+from mtlkit.training.budget import Budget, Progress
 from mtlkit.training.checkpoint import (
     CHECKPOINT_NAME,
     MODEL_NAME,
     LoaderPosition,
-    check_trainer_state,
-    load_checkpoint,
-    one_line,
     remove_partial_files,
     save_checkpoint,
 )
 from mtlkit.training.devices import model_hook, peak_memory_mb, resolve_device, to_device
 from mtlkit.training.diagnostics import ExplorationTracker, exploration_parameters
+from mtlkit.training.evaluation import Results, Selection, evaluate_model, flatten_results
 from mtlkit.training.forward import ForwardResult
 from mtlkit.training.logs import CsvLog, require_tensorboard, with_tensorboard, write_json_atomic
 from mtlkit.training.nonfinite import check_policy
 from mtlkit.training.optim import OptimizerFactory
 from mtlkit.training.optim import optimizer as default_optimizer
 from mtlkit.training.preflight import check_training
-from mtlkit.training.run_dir import config_hash, read_marker
+from mtlkit.training.signals import StopOnSignal, TrainingInterrupted
 from mtlkit.training.strategies import Joint, Strategy, StrategyContext
+from mtlkit.training.trainer_state import (
+    EpochAccumulator,
+    restore_trainer,
+    run_binding,
+    trainer_state,
+)
 
-
-@dataclass(frozen=True)
-class Budget:
-    """When training stops: the first of these limits reached (``None`` = no limit).
-
-    ``passes`` counts forward passes of the model (each ``compute_losses`` call); a strategy that
-    steps several times per batch spends several passes per batch. ``forward_backward`` counts
-    forward passes plus backward passes through the shared part (``StepReport.backwards``: a
-    gradient aggregator on the parameter route spends one per task), the budget for comparing
-    methods of different cost at equal compute.
-    """
-
-    epochs: int | None = 10
-    steps: int | None = None
-    passes: int | None = None
-    seconds: float | None = None
-    forward_backward: int | None = None
-
-    def __post_init__(self) -> None:
-        limits = asdict(self)
-        if all(v is None for v in limits.values()):
-            raise MtlkitError(
-                "the training budget needs at least one of epochs, steps, passes, seconds, "
-                "forward_backward"
-            )
-        for key, value in limits.items():
-            if value is not None and not value > 0:
-                raise MtlkitError(f"budget {key} must be > 0, got {value}")
-
-    def spent(
-        self, epochs: int, steps: int, passes: int, seconds: float, backwards: int = 0
-    ) -> bool:
-        return (
-            (self.epochs is not None and epochs >= self.epochs)
-            or (self.steps is not None and steps >= self.steps)
-            or (self.passes is not None and passes >= self.passes)
-            or (self.seconds is not None and seconds >= self.seconds)
-            or (self.forward_backward is not None and passes + backwards >= self.forward_backward)
-        )
-
-
-@dataclass
-class Progress:
-    """Counters of a run."""
-
-    epoch: int = 0
-    steps: int = 0
-    passes: int = 0
-    seconds: float = 0.0
-
-
-Results = dict[str, dict[str, float]]  # task -> metric -> value
+__all__ = ["Budget", "Progress", "Results", "Trainer", "TrainingInterrupted"]
 
 
 class Trainer:
@@ -203,7 +153,8 @@ class Trainer:
         self.budget = budget if budget is not None else Budget()
         self.rep_grad = rep_grad
         self.route = route
-        self.select = self._check_select(select)
+        self.select = select
+        self._selection = Selection(select, self.tasks)
         self.seed = seed
         self._run_dir = Path(out_dir) if out_dir is not None else None  # every rank reads it
         self.out_dir = self._run_dir if self.parallel.is_main else None  # rank 0 writes
@@ -267,7 +218,7 @@ class Trainer:
         position = LoaderPosition()
         log_rows: dict[str, int] | None = None
         if resume:
-            position, log_rows = self._restore(self._checkpoint_path(resume))
+            position, log_rows = restore_trainer(self, self._checkpoint_path(resume))
         if self.out_dir is not None:  # temporary files of writes that a kill interrupted
             remove_partial_files(self.out_dir)
         try:
@@ -431,7 +382,7 @@ class Trainer:
         if val is not None:
             val_results = self.evaluate(val, split="val", write=False)
             row.update(flatten_results(val_results, prefix="val"))
-            score = self._selection_score(val_results)
+            score = self._selection.score(val_results, self.progress.epoch)
             if score < self._best_score:
                 self._best_score, self.best_epoch = score, self.progress.epoch
                 self._best_state = copy.deepcopy(self.model.state_dict())
@@ -453,135 +404,20 @@ class Trainer:
     def save_checkpoint(
         self, position: LoaderPosition, logs: dict[str, CsvLog] | None = None
     ) -> Path:
-        """Write ``out_dir/checkpoint.pt`` atomically: everything a resume needs."""
+        """Write ``out_dir/checkpoint.pt`` atomically: everything a resume needs
+        (:func:`~mtlkit.training.trainer_state.trainer_state`)."""
         if self.out_dir is None:
             raise MtlkitError("save_checkpoint needs out_dir")
         for log in (logs or {}).values():
             log.flush()
         path = self.out_dir / CHECKPOINT_NAME
-        save_checkpoint(
-            path,
-            {
-                "model": self.model.state_dict(),
-                "strategy": self.strategy.state_dict(),
-                "nonfinite": None if self._guard() is None else self._guard().state_dict(),
-                "progress": asdict(self.progress),
-                "counters": {
-                    "backwards": self.backwards,
-                    "batches_seen": self._batches_seen,
-                    "optimizer_steps": self._optimizer_steps,
-                },
-                "exploration": None if self.exploration is None else self.exploration.state_dict(),
-                "best": {
-                    "score": self._best_score,
-                    "epoch": self.best_epoch,
-                    "state": self._best_state,
-                },
-                "history": self.history,
-                "results": self.results,
-                "epoch": None if self._epoch is None else self._epoch.state_dict(),
-                "position": position.state_dict(),
-                "extra_batches": self._extra_batches.state_dict(),
-                "rng": torch.get_rng_state(),
-                "log_rows": {name: log.rows for name, log in (logs or {}).items()},
-                "precision": self.parallel.state_dict(),
-                "run": self.run_binding(),
-            },
-        )
+        rows = {name: log.rows for name, log in (logs or {}).items()}
+        save_checkpoint(path, trainer_state(self, position, rows))
         return path
 
     def run_binding(self) -> dict[str, Any]:
-        """What binds a checkpoint to its run (its ``run`` entry): the config (as JSON values),
-        its hash, the run folder's id (its marker, :mod:`mtlkit.training.run_dir`; ``None``
-        without one), the model, strategy and method classes, the tasks and the seed."""
-        config = json.loads(json.dumps(self.config, default=str))  # plain values: weights_only
-        marker = read_marker(self._run_dir) if self._run_dir is not None else None
-        return {
-            "config": config,
-            "config_hash": config_hash(config),
-            "run_id": None if marker is None else marker.run_id,
-            "model": type(self.model).__name__,
-            "strategy": type(self.strategy).__name__,
-            "methods": [type(m).__name__ for m in self.strategy.methods()],
-            "tasks": list(self.task_names),
-            "seed": self.seed,
-        }
-
-    def _check_binding(self, saved: Mapping[str, Any], path: Path) -> None:
-        """Refuse a checkpoint of another run (a stale one, or one copied from another folder),
-        naming what differs. The run ids are compared when both the checkpoint and the folder
-        have one."""
-        mine = self.run_binding()
-        if None not in (saved["run_id"], mine["run_id"]) and saved["run_id"] != mine["run_id"]:
-            raise MtlkitError(
-                f"checkpoint {str(path)!r} belongs to another run (run id {saved['run_id']}; "
-                f"this run folder is run {mine['run_id']}): a stale checkpoint of an earlier "
-                "run, or one copied from another folder; it is not resumed"
-            )
-        keys = ("model", "strategy", "methods", "tasks", "seed")
-        changed = [k for k in keys if saved[k] != mine[k]]
-        if changed:
-            details = "; ".join(f"{k}: {saved[k]!r} -> {mine[k]!r}" for k in changed)
-            raise MtlkitError(
-                f"checkpoint {str(path)!r} was written by another run ({details}); it is not "
-                "resumed"
-            )
-
-    def _restore(self, path: Path) -> tuple[LoaderPosition, dict[str, int]]:
-        """Load the checkpoint ``path`` into this Trainer: its schema and its run are checked
-        first (:func:`~mtlkit.training.checkpoint.check_trainer_state`, :meth:`run_binding`),
-        then each entry is restored; an entry that does not fit is named in one error."""
-        state = load_checkpoint(path)
-        check_trainer_state(state, path)
-        self._check_binding(state["run"], path)
-        try:
-            self.model.load_state_dict(state["model"])
-            self.strategy.load_state_dict(state["strategy"])
-        except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as error:
-            raise MtlkitError(
-                f"checkpoint {str(path)!r} does not fit this model and strategy (was it written "
-                f"by a run with another architecture, method, strategy or tasks?): "
-                f"{one_line(error)}"
-            ) from None
-
-        def restore(entry: str, load: Callable[[], Any]) -> Any:
-            try:
-                return load()
-            except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as error:
-                raise MtlkitError(
-                    f"checkpoint {str(path)!r}: entry {entry!r} does not fit this run: "
-                    f"{one_line(error)}"
-                ) from None
-
-        if state["nonfinite"] and self._guard() is not None:
-            restore("nonfinite", lambda: self._guard().load_state_dict(state["nonfinite"]))
-        self.progress = Progress(**state["progress"])
-        counters = state["counters"]
-        self.backwards = counters["backwards"]
-        self._batches_seen = counters["batches_seen"]
-        self._optimizer_steps = counters["optimizer_steps"]
-        if self.exploration is not None and state["exploration"] is not None:
-            restore("exploration", lambda: self.exploration.load_state_dict(state["exploration"]))
-        best = state["best"]
-        self._best_score, self.best_epoch, self._best_state = (
-            float(best["score"]),
-            best["epoch"],
-            best["state"],
-        )
-        self.history = list(state["history"])
-        self.results = dict(state["results"])
-        epoch = state["epoch"]
-        self._epoch = (
-            None if epoch is None else restore("epoch", lambda: EpochAccumulator.load(epoch))
-        )
-        position = LoaderPosition()
-        restore("position", lambda: position.load_state_dict(state["position"]))
-        restore(
-            "extra_batches", lambda: self._extra_batches.load_state_dict(state["extra_batches"])
-        )
-        restore("rng", lambda: torch.set_rng_state(state["rng"]))
-        restore("precision", lambda: self.parallel.load_state_dict(state["precision"]))
-        return position, dict(state["log_rows"])
+        """What binds a checkpoint to this run (:func:`.trainer_state.run_binding`)."""
+        return run_binding(self)
 
     def _guard(self) -> Any:
         """The strategy's ``on_nonfinite`` guard (its counters), once set up."""
@@ -660,67 +496,18 @@ class Trainer:
         }
 
     # ---------------------------------------------------------------- evaluation
-    @torch.no_grad()
     def evaluate(self, data: Any, split: str = "test", write: bool = True) -> Results:
         """Per-task metrics and mean loss on ``data`` (batch-size-weighted over batches).
 
         The result is stored under ``split`` in ``summary.json`` when ``write`` is true.
         """
-        self.model.eval()
-        metrics = {t.name: t.new_metrics() for t in self.tasks}
-        loss_sums = dict.fromkeys(self.task_names, 0.0)
-        counts = dict.fromkeys(self.task_names, 0)
-
-        def update(task: str, output: Tensor, target: Tensor) -> None:
-            n = int(target.shape[0])
-            loss_sums[task] += float(self.by_name[task].loss(output, target)) * n
-            counts[task] += n
-            for metric in metrics[task].values():
-                metric.update(output, target)
-
-        if self.multi_input:
-            loaders = data.loaders if isinstance(data, MultiInputLoader) else data
-            for t in self.task_names:
-                for inputs, target in loaders[t]:
-                    inputs, target = to_device((inputs, target), self.device)
-                    update(t, self.model(inputs, task=t)[t], target)
-        else:
-            for batch in data:
-                inputs, targets = to_device(batch, self.device)
-                outputs = self.model(inputs)
-                for t in self.task_names:
-                    update(t, outputs[t], targets[t])
-        results: Results = {}
-        for t in self.task_names:
-            if counts[t] == 0:
-                raise MtlkitError(
-                    f"evaluation data for split {split!r} has no samples of task {t!r}"
-                )
-            results[t] = {"loss": loss_sums[t] / counts[t]}
-            results[t].update({name: m.compute() for name, m in metrics[t].items()})
+        results = evaluate_model(
+            self.model, self.tasks, data, self.device, multi_input=self.multi_input, split=split
+        )
         if write:
             self.results[split] = results
             self.write_summary()
         return results
-
-    def _check_select(self, select: str) -> str:
-        if select in ("loss", "last"):
-            return select
-        task, _, metric = select.partition("/")
-        if task not in self.by_name or metric not in self.by_name[task].metrics:
-            valid = ["loss", "last"] + [f"{t.name}/{m}" for t in self.tasks for m in t.metrics]
-            raise MtlkitError(f"unknown selection criterion {select!r}; valid: {', '.join(valid)}")
-        return select
-
-    def _selection_score(self, results: Results) -> float:
-        """Lower is better."""
-        if self.select == "last":
-            return -float(self.progress.epoch)
-        if self.select == "loss":
-            return sum(r["loss"] for r in results.values())
-        task, _, metric = self.select.partition("/")
-        value = results[task][metric]
-        return -value if self.by_name[task].higher_is_better()[metric] else value
 
     # ------------------------------------------------------------------- output
     def _open_logs(self, keep_rows: dict[str, int] | None = None) -> dict[str, CsvLog] | None:
@@ -781,79 +568,3 @@ class Trainer:
         if self.multi_input and isinstance(train, Mapping):
             return MultiInputLoader(train)
         return train
-
-
-@dataclass
-class EpochAccumulator:
-    """What the current epoch has summed so far (for its metrics row), and the counters at its
-    start; part of a checkpoint taken mid-epoch."""
-
-    loss_sums: dict[str, float]
-    batches: int
-    passes: int
-    backwards: int
-    seconds: float
-    rng_after_last_batch: Tensor
-
-    @classmethod
-    def start(cls, trainer: Trainer, tasks: Sequence[str]) -> EpochAccumulator:
-        return cls(
-            dict.fromkeys(tasks, 0.0),
-            0,
-            trainer.progress.passes,
-            trainer.backwards,
-            trainer.progress.seconds,
-            torch.get_rng_state(),
-        )
-
-    def add(self, losses: Mapping[str, float]) -> None:
-        for task, value in losses.items():
-            self.loss_sums[task] += value
-        self.batches += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def load(cls, state: Mapping[str, Any]) -> EpochAccumulator:
-        return cls(**state)
-
-
-class TrainingInterrupted(MtlkitError):
-    """Training stopped on a signal; a checkpoint was saved (when the run has an ``out_dir``)."""
-
-    def __init__(self, signum: int, checkpoint: Path | None) -> None:
-        self.signum, self.checkpoint = signum, checkpoint
-        name = signal.Signals(signum).name
-        where = f"; checkpoint saved to {checkpoint}" if checkpoint is not None else ""
-        super().__init__(f"training interrupted by {name}{where}")
-
-
-class StopOnSignal:
-    """Within its ``with`` block, SIGINT and SIGTERM only set ``requested`` (the signal number),
-    so that training stops at the end of the current batch with a checkpoint; outside the main
-    thread it does nothing. The previous handlers are restored on exit."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested = 0
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopOnSignal:
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = signum
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-def flatten_results(results: Results, prefix: str) -> dict[str, float]:
-    """``{task: {metric: v}}`` -> ``{"prefix/task/metric": v}``."""
-    return {f"{prefix}/{t}/{m}": v for t, ms in results.items() for m, v in ms.items()}
