@@ -8,7 +8,7 @@ import numpy as np
 from torch import Tensor
 
 from mtlkit.errors import NonFiniteError
-from mtlkit.methods.base import GramianWeighting
+from mtlkit.methods.float64_gramian import Float64GramianWeighting
 from mtlkit.methods.registry import METHODS
 from mtlkit.methods.solvers import dual_cone_weights, gramian_to_numpy, to_weights
 
@@ -22,8 +22,9 @@ def _check_pref_vector(pref_vector: Sequence[float] | None) -> tuple[float, ...]
     return values
 
 
-class _DualConeWeighting(GramianWeighting):
-    """What UPGrad and DualProj share: the preference vector and the regularisation."""
+class _DualConeWeighting(Float64GramianWeighting):
+    """What UPGrad and DualProj share: the preference vector and the regularisation; both solve
+    from a float64 Gramian (:mod:`~mtlkit.methods.float64_gramian`)."""
 
     def __init__(self, pref_vector: Sequence[float] | None = None, reg_eps: float = 0.0) -> None:
         super().__init__()
