@@ -26,9 +26,15 @@ Registered backbones (``build_backbone(name, input_shape, widths, weights)``):
   stage-wise architectures can use; heads on it predict per-pixel maps
   (:func:`make_head` gives a ``1x1`` convolution).
 
-Pretrained weights are never downloaded: ``weights=<path>`` loads a ``state_dict`` of the
-backbone (as saved by ``torch.save(backbone.state_dict(), path)``) with
-``torch.load(weights_only=True)``.
+* ``resnet18``, ``resnet34``: torchvision's ResNets without the classifier (7x7 stride-2 stem,
+  max pooling, 2-2-2-2 or 3-4-6-3 basic blocks of 64-128-256-512 channels), four stages.
+* ``lenet`` (Sener & Koltun's MultiLeNet encoder, :mod:`mtlkit.architectures.lenet`) and
+  ``vgg_segnet`` (MTAN's SegNet as one stage, :mod:`mtlkit.architectures.segnet`).
+
+Pretrained weights are never downloaded: ``weights=<path>`` loads, with
+``torch.load(weights_only=True)``, a ``state_dict`` of the backbone (as saved by
+``torch.save(backbone.state_dict(), path)``) or of a torchvision ResNet (the ImageNet ``.pth``
+files, renamed onto ``resnet18``/``resnet34``): :mod:`mtlkit.architectures.pretrained`.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from mtlkit.architectures.pretrained import load_weights_file
+from mtlkit.architectures.residual import BasicBlock
 from mtlkit.registry import Registry
 
 Shape = tuple[int, ...]
@@ -109,31 +117,14 @@ class Backbone(nn.Module):
         return copies
 
     def load_weights(self, path: str | Path) -> None:
-        """Load a ``state_dict`` of this backbone from ``path`` (``weights_only=True``)."""
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"backbone weights file {str(path)!r} does not exist")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # pickle / zip errors come in many types
-            raise ValueError(f"cannot read backbone weights {str(path)!r}: {error}") from error
-        if not isinstance(state, dict):
-            raise ValueError(
-                f"backbone weights {str(path)!r} hold a {type(state).__name__}, expected a "
-                "state_dict (a mapping from parameter names to tensors)"
-            )
-        try:
-            missing, unexpected = self.load_state_dict(state, strict=False)
-        except RuntimeError as error:  # shape mismatches
-            raise ValueError(
-                f"backbone weights {str(path)!r} do not fit the {self.name!r} backbone: {error}"
-            ) from error
-        if missing or unexpected:
-            raise ValueError(
-                f"backbone weights {str(path)!r} do not fit the {self.name!r} backbone: "
-                f"missing keys {sorted(missing)[:5]}, unexpected keys {sorted(unexpected)[:5]}"
-            )
-        self.pretrained = True
+        """Load weights from ``path`` (``torch.load(weights_only=True)``): a ``state_dict`` of
+        this backbone, or of a torchvision ResNet; see :mod:`mtlkit.architectures.pretrained`.
+
+        Raises:
+            ValueError: naming the file and what does not fit (missing or unexpected keys,
+                shapes).
+        """
+        load_weights_file(self, path)
 
 
 def trace_shapes(stages: Sequence[nn.Module], input_shape: Shape) -> list[Shape]:
@@ -253,30 +244,6 @@ def cnn_stages(input_shape: Sequence[int], widths: Sequence[int] = (32, 64)) -> 
     return stages
 
 
-class BasicBlock(nn.Module):
-    """The basic residual block of He et al. (2016): ``relu(bn(conv(relu(bn(conv(x))))) +
-    shortcut(x))``, the shortcut a strided ``1x1`` convolution + BN when the shape changes."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
-        )
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.relu(self.body(x) + self.shortcut(x))
-
-
 @BACKBONES.register("resnet")
 def resnet_stages(
     input_shape: Sequence[int], widths: Sequence[int] = (16, 32, 64)
@@ -301,6 +268,66 @@ def resnet_stages(
         stages.append(nn.Sequential(*layers))
         c = out
     return stages
+
+
+IMAGENET_WIDTHS = (64, 128, 256, 512)
+
+
+def imagenet_resnet_stages(
+    name: str, input_shape: Sequence[int], widths: Sequence[int], blocks: Sequence[int]
+) -> list[nn.Module]:
+    """torchvision's ResNet of basic blocks without its classifier, as four stages: the stem
+    (``Conv7x7/2-BN-ReLU-MaxPool3x3/2``) and ``layer1`` in stage 0, ``layer2..4`` (each opened
+    by a stride-2 block) in stages 1-3, global average pooling closing stage 3. Weights as
+    torchvision initialises them (Kaiming-normal, fan-out; batch norm at 1, 0)."""
+    widths = check_widths(name, widths)
+    if len(widths) != len(blocks):
+        raise ValueError(
+            f"backbone {name!r} has {len(blocks)} stages: widths takes {len(blocks)} numbers "
+            f"(default {list(IMAGENET_WIDTHS)}), got {widths}"
+        )
+    c, _, _ = image_shape(name, input_shape)
+    stem: list[nn.Module] = [
+        nn.Conv2d(c, widths[0], 7, stride=2, padding=3, bias=False),
+        nn.BatchNorm2d(widths[0]),
+        nn.ReLU(),
+        nn.MaxPool2d(3, stride=2, padding=1),
+    ]
+    stages: list[nn.Module] = []
+    c = widths[0]
+    for i, (out, count) in enumerate(zip(widths, blocks, strict=True)):
+        layers = [*stem] if i == 0 else []
+        layers.append(BasicBlock(c, out, 1 if i == 0 else 2))
+        layers += [BasicBlock(out, out) for _ in range(count - 1)]
+        if i == len(widths) - 1:
+            layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        stages.append(nn.Sequential(*layers))
+        c = out
+    for stage in stages:
+        for m in stage.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return stages
+
+
+@BACKBONES.register("resnet18")
+def resnet18_stages(
+    input_shape: Sequence[int], widths: Sequence[int] = IMAGENET_WIDTHS
+) -> list[nn.Module]:
+    """ResNet-18 (He et al., 2016) in torchvision's layout: 2-2-2-2 basic blocks of 64-128-256-512
+    channels after a 7x7 stride-2 stem and max pooling; 11,176,512 parameters (torchvision's
+    11,689,512 less the 1000-class ``fc``). Takes torchvision's ImageNet weights
+    (``weights=FILE``, see :mod:`mtlkit.architectures.pretrained`)."""
+    return imagenet_resnet_stages("resnet18", input_shape, widths, (2, 2, 2, 2))
+
+
+@BACKBONES.register("resnet34")
+def resnet34_stages(
+    input_shape: Sequence[int], widths: Sequence[int] = IMAGENET_WIDTHS
+) -> list[nn.Module]:
+    """ResNet-34 in torchvision's layout (3-4-6-3 basic blocks); 21,284,672 parameters without
+    the ``fc``. Takes torchvision's ImageNet weights."""
+    return imagenet_resnet_stages("resnet34", input_shape, widths, (3, 4, 6, 3))
 
 
 def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
@@ -345,7 +372,7 @@ def build_backbone(
     widths: Sequence[int] | None = None,
     weights: str | Path | None = None,
 ) -> Backbone:
-    """The registered backbone ``name`` (``mlp``, ``cnn``, ``resnet``, ``segnet``) for inputs of
+    """The registered backbone ``name`` (``BACKBONES.available()``) for inputs of
     ``input_shape``, with its default widths unless ``widths`` is given, and the weights in the
     file ``weights`` if given."""
     factory = BACKBONES.factory(name)
