@@ -165,9 +165,6 @@ class CAGrad(GramianWeighting):
         self.c = float(c)
         self.rescale = int(rescale)
 
-    def hparams(self) -> dict[str, object]:
-        return {"c": self.c, "rescale": self.rescale}
-
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         work, _ = gramian_to_numpy(gramian, "CAGrad")
         values = cagrad_weights(work, self.c, eps=float(torch.finfo(gramian.dtype).eps))

@@ -33,9 +33,6 @@ class _DualConeWeighting(Float64GramianWeighting):
             raise ValueError(f"reg_eps must be a finite number >= 0, got {reg_eps}")
         self.reg_eps = float(reg_eps)
 
-    def hparams(self) -> dict[str, object]:
-        return {"pref_vector": self.pref_vector, "reg_eps": self.reg_eps}
-
     def _prepare(self, gramian: Tensor) -> tuple[np.ndarray, np.ndarray]:
         """The normalised (and regularised) Gramian and the preference vector ``u``."""
         work, _ = gramian_to_numpy(gramian, type(self).__name__)

@@ -117,13 +117,6 @@ class NashMTL(_FairWeighting):
         self._step = 0
         self._solution: np.ndarray | None = None
 
-    def hparams(self) -> dict[str, object]:
-        return {
-            "update_weights_every": self.update_weights_every,
-            "optim_niter": self.optim_niter,
-            "max_norm": self.max_norm,
-        }
-
     def reset(self) -> None:
         super().reset()
         self._step = 0
@@ -189,9 +182,6 @@ class FairGrad(_FairWeighting):
         super().__init__(alpha=alpha, max_norm=max_norm, max_iter=max_iter)
         self.alpha = float(alpha)
         self.max_iter = int(max_iter)
-
-    def hparams(self) -> dict[str, object]:
-        return {"alpha": self.alpha, "max_norm": self.max_norm, "max_iter": self.max_iter}
 
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
         work, scale = gramian_to_numpy(gramian, "FairGrad")
