@@ -48,7 +48,7 @@ CASES = {
     "cityscapes_binary": ("cityscapes", "hps", {"backbone": "segnet", "widths": [4]}),
     "celeba": ("celeba", "hps", {"backbone": "cnn", "widths": [4]}),
     "office_31": ("office_31", "hps", {"backbone": "cnn", "widths": [4]}),
-    "qm9": ("qm9", "mpnn", {"dim": 8, "num_gaussians": 8}),
+    "qm9": ("qm9", "mpnn", {"dim": 8, "edge_hidden": 8}),
     "multi_mnist": ("multi_mnist", "hps", {"backbone": "cnn", "widths": [4]}),
     "mmoe_synthetic": ("mmoe_synthetic", "hps", {"backbone": "mlp", "widths": [8]}),
 }

@@ -137,7 +137,7 @@ def test_mpnn_is_invariant_and_trains(qm9_root):
     root, _ = qm9_root
     problem = DATASETS.get("qm9", root=str(root), n_val=4, n_test=4)
     torch.manual_seed(0)
-    model = build("mpnn", problem.input_shape, problem.task_outputs, dim=16, num_gaussians=12)
+    model = build("mpnn", problem.input_shape, problem.task_outputs, dim=16, edge_hidden=16)
     x = problem.splits["train"].inputs[:8]
     out = model(x)
     assert set(out) == set(TARGETS) and out["mu"].shape == (8, 1)
