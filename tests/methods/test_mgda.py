@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
+import mpmath  # a dependency of torch (through sympy)
 import numpy as np
 import pytest
 import torch
@@ -239,6 +241,62 @@ def test_loss_normalization_needs_positive_losses() -> None:
         method(jac, torch.tensor([1.0, float("nan"), 2.0], dtype=F64))
 
 
+def exact_min_norm(jac: np.ndarray) -> tuple[float, np.ndarray]:
+    """``min_{w ∈ Δ} |wᵀJ|²`` by enumerating the supports in 40-digit arithmetic (mpmath): on
+    each, the KKT system ``G_SS v = μ 1``, ``Σv = 1``; the optimum is the support whose ``v > 0``
+    and ``(G v)_j ≥ vᵀGv`` for every ``j`` (checked exactly, so independent of float64's
+    conditioning)."""
+    mpmath.mp.dps = 40
+    m = jac.shape[0]
+    rows = [mpmath.matrix([[mpmath.mpf(float(x)) for x in row]]) for row in jac]
+    gram = mpmath.matrix(m, m)
+    for i in range(m):
+        for j in range(m):
+            gram[i, j] = (rows[i] * rows[j].T)[0]
+    for size in range(1, m + 1):
+        for support in itertools.combinations(range(m), size):
+            kkt = mpmath.matrix(size + 1, size + 1)
+            for a, i in enumerate(support):
+                for b, j in enumerate(support):
+                    kkt[a, b] = gram[i, j]
+                kkt[a, size] = kkt[size, a] = 1
+            rhs = mpmath.matrix([0] * size + [1])
+            try:
+                v = mpmath.lu_solve(kkt, rhs)
+            except ZeroDivisionError:
+                continue
+            if any(v[a] <= 0 for a in range(size)):
+                continue
+            w = mpmath.matrix([0] * m)
+            for a, i in enumerate(support):
+                w[i] = v[a]
+            grad = gram * w
+            value = (w.T * grad)[0]
+            if all(grad[j] >= value * (1 - mpmath.mpf(10) ** -30) for j in range(m)):
+                return float(value), np.array([float(x) for x in w])
+    raise AssertionError("no support satisfies the KKT conditions")
+
+
+@pytest.mark.parametrize("seed", [1, 2, 5, 14])
+def test_exact_on_a_badly_scaled_gramian(seed: int) -> None:
+    """Issue 19, case 2: 7 gradients in 30 dimensions, rows scaled by logspace(-3, 3, 7). The
+    stopping rule was relative to max G_ii (1e6 times the smallest): seed 5 stopped with a KKT
+    violation of 2.9e-5 against an objective of 1.8e-5 and |d|² 1.6% above the optimum (seed 2:
+    0.17%, seed 14: violation 6.4e-5). The KKT conditions hold relative to |g_j| |d| now, and
+    |d|² is the enumerated optimum's."""
+    rng = np.random.default_rng(seed)
+    jac = rng.standard_normal((7, 30)) * np.logspace(-3, 3, 7)[:, None]
+    gramian = torch.from_numpy(jac @ jac.T)
+    w = min_norm_weights(gramian)
+    best, best_w = exact_min_norm(jac)
+    d = w.numpy() @ jac
+    value = float(d @ d)
+    assert value <= best * (1 + 1e-9)
+    violation = value - jac @ d  # (G w)_j >= wᵀGw: g_j · d >= |d|²
+    assert (violation <= 1e-9 * np.linalg.norm(jac, axis=1) * np.sqrt(value)).all()
+    np.testing.assert_allclose(d, best_w @ jac, rtol=0, atol=1e-6 * np.sqrt(best))
+
+
 def test_float32_and_bad_input() -> None:
     jac = random_jacobian(7, 10, 4, "duplicate")
     w64 = MGDA().weights(jac @ jac.T)
@@ -253,11 +311,22 @@ def test_float32_and_bad_input() -> None:
         methods.get("mgda", normalization="max")
 
 
-def test_max_iter_warns_and_stays_feasible() -> None:
+def test_max_iter_warns_once_per_run_and_stays_feasible() -> None:
     jac = random_jacobian(5, 12, 20)
+    method = MGDA(max_iter=2)
     with pytest.warns(RuntimeWarning, match="max_iter=2"):
-        w = MGDA(max_iter=2).weights(jac @ jac.T)
+        w = method.weights(jac @ jac.T)
     assert (w >= 0).all() and float(w.sum()) == pytest.approx(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decision = method.decide(jac @ jac.T)  # the same trouble again: no second warning
+    assert decision.status.solver == "wolfe" and not decision.status.converged
+    assert decision.status.iterations == 2 and "max_iter=2" in decision.status.message
+    method.reset()  # a new run warns again
+    with pytest.warns(RuntimeWarning, match="max_iter=2"):
+        method.weights(jac @ jac.T)
+    converged = MGDA().decide(jac @ jac.T).status
+    assert converged.converged and converged.residual <= 1e-12 and converged.message == ""
     with pytest.raises(ConfigError, match="tol"):
         methods.get("mgda", tol=-1.0)
 
