@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linprog, minimize, nnls
 
 from mtlkit.errors import NonFiniteError
 from mtlkit.methods import solvers
+from mtlkit.methods.active_set import active_set_projection
 from mtlkit.methods.solvers import (
     InfeasibleError,
     PolyhedralProjector,
@@ -182,8 +183,15 @@ def test_a_failed_solve_raises_with_the_reason(monkeypatch: pytest.MonkeyPatch) 
         Model = FailingModel
 
     monkeypatch.setattr(solvers, "_daqp", lambda: FakeDaqp)
+    opposite = np.array([[1.0, 0.0], [-1.0, 0.0]])  # x_1 >= 1 and -x_1 >= 1: empty
     with pytest.raises(SolverError, match="iteration limit"):
-        PolyhedralProjector(np.eye(2))(np.ones(2), np.zeros(2))
+        PolyhedralProjector(opposite)(np.ones(2), np.ones(2))
+    # where the polyhedron is not empty the exact active-set solve takes over (KKT-checked)
+    projector = PolyhedralProjector(np.eye(2))
+    found = projector(np.array([-1.0, 2.0]), np.array([0.5, 0.0]))
+    np.testing.assert_allclose(found.x, [0.5, 2.0], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(found.multipliers, [1.5, 0.0], rtol=0, atol=1e-15)
+    assert projector.fallbacks == 1
 
 
 @settings(max_examples=50, deadline=None)
@@ -201,6 +209,35 @@ def test_dual_cone_weights_match_nnls(seed: int, m: int, n: int, kind: str) -> N
     weights = dual_cone_weights(gramian, targets)
     for target, v in zip(targets, weights):
         assert_dual_cone_solution(jac, gramian, target, v)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    m=st.integers(1, 8),
+    n=st.integers(1, 8),
+    kind=st.sampled_from(KINDS),
+    level=st.sampled_from([0.0, 0.1, -0.3]),
+)
+def test_active_set_projection_matches_daqp(seed: int, m: int, n: int, kind: str, level) -> None:
+    """The fallback of DAQP returns DAQP's projection wherever DAQP solves (else nothing or a
+    point whose KKT conditions it checked)."""
+    factor = gramian_factor(normalized_gramian(random_jacobian(seed, m, n, kind)))
+    rng = np.random.default_rng(seed)
+    y = factor.T @ rng.random(m) / m
+    lower = np.full(m, level * float(np.linalg.norm(y)))
+    try:
+        expected = PolyhedralProjector(factor)(y, lower)
+    except SolverError:
+        expected = None  # an empty polyhedron, or DAQP's failure: see the CAGrad toy test
+    assume(expected is not None)
+    found = active_set_projection(factor, y, lower)
+    if found is None:  # pragma: no cover - reported with the example if it ever happens
+        pytest.fail("the active-set projection found no point where DAQP did")
+    scale = max(
+        float(np.linalg.norm(y)), float(np.abs(lower).max()), float(np.linalg.norm(found[0]))
+    )
+    np.testing.assert_allclose(found[0], expected.x, rtol=0, atol=1e-9 * (scale or 1.0))
 
 
 def _fail(self: PolyhedralProjector, y: np.ndarray, lower: np.ndarray) -> None:

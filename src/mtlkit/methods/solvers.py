@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.errors import MtlkitError, NonFiniteError
+from mtlkit.methods.active_set import active_set_projection
 from mtlkit.methods.base import check_gramian
 
 SOLVER_TIMINGS = """\
@@ -182,7 +183,12 @@ class PolyhedralProjector:
     DAQP gets every non-zero row scaled to unit norm (``L_i x ≥ b_i`` as
     ``(L_i/|L_i|) x ≥ b_i/|L_i|``, the same set) and the multipliers are scaled back: its
     feasibility tolerance is absolute, so a task whose gradient is 1e-6 of the largest would
-    otherwise be allowed a violation of its own size (seen with CAGrad on the toy).
+    otherwise be allowed a violation of its own size (seen with CAGrad on the toy). For the same
+    reason ``y`` and ``b`` are divided by ``max(|y|, max_i |b_i|)`` and the solution multiplied
+    back (the problem is homogeneous in ``(x, y, b)``). Where DAQP fails (nearly opposite active
+    rows), :func:`~mtlkit.methods.active_set.active_set_projection` is tried, and its point
+    returned if it passes the KKT check (counted in ``fallbacks``);
+    otherwise DAQP's error is raised.
 
     Args:
         factor: ``L``, rows scaled to norms ≤ 1 (as from :func:`gramian_factor` of a normalised
@@ -198,6 +204,7 @@ class PolyhedralProjector:
         self._scaled = np.ascontiguousarray(self.factor * self._row_scale[:, None])
         self.tol = tol
         self._model: Any = None
+        self.fallbacks = 0
 
     def __call__(self, y: np.ndarray, lower: np.ndarray) -> Projection:
         m, r = self.factor.shape
@@ -205,8 +212,29 @@ class PolyhedralProjector:
             if (lower > 0).any():
                 raise InfeasibleError("projection onto an empty polyhedron (zero Gramian, b > 0)")
             return Projection(np.zeros(0), np.zeros(m))
+        scaled_lower = lower * self._row_scale
+        # DAQP's tolerances are absolute: solve for x / s with s the size of the data, so that
+        # they are relative to it (CAGrad on nearly opposite gradients: |y| ~ 1e-7, levels ~ 1e-14)
+        size = max(float(np.linalg.norm(y)), float(np.abs(scaled_lower).max(initial=0.0)))
+        size = size if size > 0 else 1.0
+        try:
+            x, multipliers = self._daqp(y / size, scaled_lower / size)
+        except SolverError:
+            # nearly opposite active rows: DAQP's factorisation fails; check with an exact
+            # active-set solve on the rows (a verified KKT point) before giving up
+            found = active_set_projection(self.factor, y, lower)
+            if found is None:
+                raise
+            self.fallbacks += 1
+            x, weights = found
+        else:
+            x, weights = x * size, multipliers * (size * self._row_scale)
+        return Projection(x, weights)
+
+    def _daqp(self, y: np.ndarray, lower: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """DAQP's ``(x, μ)`` for the problem with unit rows (``μ``: their multipliers)."""
+        m, r = self.factor.shape
         upper = np.full(m, 1e30)
-        lower = lower * self._row_scale
         if self._model is None:
             daqp = _daqp()
             model = daqp.Model()
@@ -228,9 +256,9 @@ class PolyhedralProjector:
         if flag != 1:
             reason = _DAQP_EXIT.get(int(flag), "unknown exit flag")
             raise SolverError(f"DAQP failed on a projection QP: exit flag {flag} ({reason})")
-        # DAQP's multipliers are ≤ 0 for active lower bounds; those of the scaled rows.
+        # DAQP's multipliers are ≤ 0 for active lower bounds
         multipliers = np.maximum(-np.asarray(info["lam"], dtype=np.float64), 0.0)
-        return Projection(np.asarray(x, dtype=np.float64), multipliers * self._row_scale)
+        return np.asarray(x, dtype=np.float64), multipliers
 
 
 def dual_cone_weights(gramian: np.ndarray, targets: np.ndarray) -> np.ndarray:
