@@ -159,10 +159,13 @@ def test_a_run_prints_its_delta_m_against_a_baseline(tmp_path, capsys):
         (test["sum"]["mae"] - 2.0) / 2.0,
     ]
     flat = 100 * sum(drops) / 3
-    line = next(line for line in printed.splitlines() if line.startswith("delta_m vs "))
-    # one metric per task: the mean over metrics and the mean over tasks agree
-    assert line == f"delta_m vs {path}: {flat:+.2f}% (mean over metrics), {flat:+.2f}% " + (
-        "(mean over tasks); lower is better"
+    line = next(line for line in printed.splitlines() if line.startswith("vs "))
+    # one metric per task: the mean over metrics and the mean over tasks agree, and LibMTL's
+    # Δp is signed the other way (higher is better)
+    assert line == (
+        f"vs {path}: Δm% {flat:+.2f} (Nash-MTL, FAMO: the mean over all metrics, lower is "
+        f"better); Δp {-flat:+.2f}% (LibMTL: the mean over tasks of each task's mean, higher "
+        "is better)"
     )
 
 
@@ -171,7 +174,7 @@ def test_delta_m_is_zero_against_the_stl_baseline_of_the_same_single_task_run(tm
     path = tmp_path / "s" / "stl_baseline.json"
     argv = ["train", *TINY, "tasks=[left]", f"baseline={path}", "--out", str(tmp_path / "r")]
     assert main(argv) == 0
-    assert f"delta_m vs {path}: +0.00% (mean over metrics)" in capsys.readouterr().out
+    assert f"vs {path}: Δm% +0.00 (Nash-MTL" in capsys.readouterr().out
 
 
 def test_two_metric_tasks_weigh_differently_in_the_two_means():
@@ -188,8 +191,9 @@ def test_two_metric_tasks_weigh_differently_in_the_two_means():
     results = {"a": {"loss": 9.0, "x": 1.1, "y": 2.0}, "b": {"loss": 9.0, "z": 0.5}}
     baseline = {"a": {"x": 1.0, "y": 1.0}, "b": {"z": 1.0}}
     line = runner.format_delta_m(results, tasks, baseline, "B")
-    # drops: x -10%, y +100%, z +50%; flat mean 46.67; task mean (45 + 50) / 2 = 47.5
-    assert line.startswith("delta_m vs B: +46.67% (mean over metrics), +47.50% (mean over tasks)")
+    # drops: x -10%, y +100%, z +50%; flat mean 46.67; task mean (45 + 50) / 2 = 47.5, which
+    # LibMTL's Δp signs the other way
+    assert line.startswith("vs B: Δm% +46.67 (Nash-MTL, FAMO") and "; Δp -47.50% (LibMTL" in line
 
 
 @pytest.mark.parametrize(

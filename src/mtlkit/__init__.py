@@ -12,7 +12,7 @@ from mtlkit.engine.backward import backward
 from mtlkit.engine.jacobian import gramian, jacobian
 from mtlkit.engine.layer_capture import LayerCapture
 from mtlkit.errors import ConfigError, MtlkitError, NonFiniteError, UnknownNameError
-from mtlkit.metrics import Accuracy, MeanAbsoluteError, MeanSquaredError, Metric, delta_m
+from mtlkit.metrics import Accuracy, MeanAbsoluteError, MeanSquaredError, Metric, delta_m, delta_p
 from mtlkit.tasks import Task
 from mtlkit.training.forward import ForwardResult
 from mtlkit.training.groups import RandomGroups
@@ -55,6 +55,7 @@ __all__ = [
     "__version__",
     "backward",
     "delta_m",
+    "delta_p",
     "gramian",
     "jacobian",
     "methods",

@@ -101,10 +101,11 @@ def delta_m(
 ) -> float:
     """Multi-task performance drop against a baseline, in percent (lower is better).
 
-    ``mode="flat"`` (Nash-MTL, FAMO): the mean over all K metrics of all tasks,
+    ``mode="flat"``: Nash-MTL's and FAMO's **Δm%** (Navon et al., 2022; Liu et al.,
+    2023), the mean over all K metrics of all tasks,
     ``Δm = 100/K · Σ_k (−1)^{h_k} (M_k − B_k) / |B_k|`` with ``h_k = 1`` when higher is better.
-    ``mode="task_mean"`` (LibMTL): the mean over tasks of each task's mean over its metrics,
-    optionally weighted by ``task_weights``.
+    ``mode="task_mean"``: the mean over tasks of each task's mean over its metrics, optionally
+    weighted by ``task_weights``; LibMTL's **Δp** is its negative (:func:`delta_p`).
 
     Raises:
         MtlkitError: if a task or metric of ``results`` is missing from the baseline, or a
@@ -136,6 +137,24 @@ def delta_m(
     weights = {t: (task_weights or {}).get(t, 1.0) for t in per_task}
     total = sum(weights.values())
     return 100.0 * sum(weights[t] * sum(ds) / len(ds) for t, ds in per_task.items()) / total
+
+
+def delta_p(
+    results: Mapping[str, Mapping[str, float]],
+    baseline: Mapping[str, Mapping[str, float]],
+    higher_is_better: Mapping[str, Mapping[str, bool]],
+    task_weights: Mapping[str, float] | None = None,
+) -> float:
+    """LibMTL's **Δp** (``count_improvement`` in LibMTL/utils.py; Lin and Zhang, JMLR 2023), in
+    percent, **higher is better**: the mean over the T tasks of each task's mean over its M_t
+    metrics, ``Δp = 100/T · Σ_t 1/M_t · Σ_m (−1)^{w_tm} (B_tm − N_tm) / B_tm`` with
+    ``w_tm = 1`` when higher is better (``|B_tm|`` here, the same for positive baselines).
+    It is ``-delta_m(mode="task_mean")``; ``task_weights`` weigh the tasks (LibMTL: equal).
+
+    Raises:
+        MtlkitError: as :func:`delta_m`.
+    """
+    return -delta_m(results, baseline, higher_is_better, "task_mean", task_weights)
 
 
 # --- Dense prediction: segmentation, depth, surface normals -------------------------------------

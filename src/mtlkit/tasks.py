@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from mtlkit.metrics import Metric
+from mtlkit.metrics import Metric, delta_m, delta_p
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -21,7 +21,7 @@ class Task:
         loss: ``loss(output, target) -> scalar tensor`` (mean over the batch).
         metrics: factories of the metric accumulators of this task, by name, e.g.
             ``{"acc": Accuracy}``. Each metric knows whether higher is better.
-        weight: weight of this task in Δm% (1 by default).
+        weight: weight of this task in the mean over tasks (LibMTL's Δp; 1 by default).
     """
 
     name: str
@@ -40,3 +40,25 @@ class Task:
     def higher_is_better(self) -> dict[str, bool]:
         """Whether higher is better, for each metric of this task."""
         return {name: metric.higher_is_better for name, metric in self.new_metrics().items()}
+
+
+DELTA_M_LABEL = "Nash-MTL, FAMO: the mean over all metrics, lower is better"
+DELTA_P_LABEL = "LibMTL: the mean over tasks of each task's mean, higher is better"
+
+
+def baseline_deltas(
+    results: Mapping[str, Mapping[str, float]],
+    tasks: Sequence[Task],
+    baseline: Mapping[str, Mapping[str, float]],
+) -> tuple[float, float]:
+    """``(Δm%, Δp)`` of ``results`` against ``baseline`` over the tasks' metrics (losses left
+    out): Nash-MTL's and FAMO's Δm% (:func:`~mtlkit.metrics.delta_m`, lower is better) and
+    LibMTL's Δp (:func:`~mtlkit.metrics.delta_p`, higher is better, tasks weighted by
+    ``Task.weight``)."""
+    metrics = {t.name: {m: results[t.name][m] for m in t.metrics} for t in tasks}
+    directions = {t.name: t.higher_is_better() for t in tasks}
+    weights = {t.name: t.weight for t in tasks}
+    return (
+        delta_m(metrics, baseline, directions, mode="flat"),
+        delta_p(metrics, baseline, directions, task_weights=weights),
+    )

@@ -31,7 +31,7 @@ CONE_KINDS = ["normal", "strong", "weak", "nonweak"]
 
 
 def _orthonormal_complement(basis: Tensor, gen: torch.Generator) -> Tensor:
-    """A random ``[m, m - k]`` matrix with orthonormal columns orthogonal to ``basis`` ``[m, k]``."""
+    """A random ``[m, m - k]`` matrix, orthonormal columns orthogonal to ``basis`` ``[m, k]``."""
     m, k = basis.shape
     draw = torch.randn(m, m - k, generator=gen, dtype=basis.dtype)
     return torch.linalg.qr(draw - basis @ (basis.T @ draw))[0]

@@ -12,13 +12,13 @@ from scipy.optimize import linprog, minimize, nnls
 from mtlkit.errors import NonFiniteError
 from mtlkit.methods import solvers
 from mtlkit.methods.active_set import active_set_projection
+from mtlkit.methods.fair_solver import fair_weights
 from mtlkit.methods.solvers import (
     InfeasibleError,
     PolyhedralProjector,
     SolverError,
     dual_cone_weights,
     eigen_range,
-    fair_weights,
     gramian_factor,
     gramian_to_numpy,
     hull_distance,

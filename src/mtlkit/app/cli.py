@@ -43,6 +43,7 @@ from mtlkit.app.runner import (
     draw_plots,
     format_delta_m,
     format_results,
+    last_k_results,
     load_baseline,
     load_problem,
     resolve_out_dir,
@@ -307,8 +308,15 @@ def train_in(out_dir: Path, config: TrainConfig, args: argparse.Namespace, basel
     if not is_main_process():
         return 0  # DDP: rank 0 reports and draws
     print(format_results(results))
+    last = last_k_results(out_dir, config.select)
+    if last is not None:  # the Nash-MTL/FAMO protocol
+        print(f"mean of the last {last[0]} epochs on the validation split ({config.select}):")
+        print(format_results(last[1]))
     if baseline is not None:
         print(format_delta_m(results, problem.tasks, baseline, config.baseline))
+        if last is not None:
+            delta = format_delta_m(last[1], problem.tasks, baseline, config.baseline)
+            print(f"mean of the last {last[0]} epochs {delta}")
     if config.plots:
         draw_plots(out_dir)
     print(f"results written to {out_dir}")

@@ -34,12 +34,12 @@ from mtlkit.architectures import build
 from mtlkit.data.benchmarks import DATASETS, Problem
 from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.methods import METHODS
-from mtlkit.metrics import delta_m
 from mtlkit.parallel.ddp import init_from_env, is_main_process
 from mtlkit.parallel.launch import rank_zero_first
 from mtlkit.registry import Registry
-from mtlkit.tasks import Task
+from mtlkit.tasks import DELTA_M_LABEL, DELTA_P_LABEL, Task, baseline_deltas
 from mtlkit.training.checkpoint import CHECKPOINT_NAME, check_trainer_state, load_checkpoint
+from mtlkit.training.evaluation import last_k_epochs, mean_of_last_epochs
 from mtlkit.training.logs import write_atomic, write_json_atomic
 from mtlkit.training.optim import optimizer
 from mtlkit.training.run_dir import (
@@ -216,7 +216,30 @@ def run(
         if out_dir is not None and is_main_process():
             write_atomic(out_dir / "config.yaml", config.to_yaml())
         trainer.fit(loaders["train"], loaders["val"], resume=resume)
-        return trainer.evaluate(loaders["test"], split="test")
+        results = trainer.evaluate(loaders["test"], split="test")
+        k = last_k_epochs(config.select)
+        if k is not None:  # the Nash-MTL/FAMO protocol: the mean of the last k epochs
+            last = mean_of_last_epochs(trainer.history, trainer.tasks, k)
+            trainer.results[last_k_split(k)] = last
+            trainer.write_summary()
+        return results
+
+
+def last_k_split(k: int) -> str:
+    """The ``summary.json`` results key of ``select: last_<k>``: the mean of the validation
+    metrics of the last ``k`` epochs (the test metrics when the validation split is the test
+    split, as in Nash-MTL's NYUv2 and Cityscapes setups: ``data_args.val_fraction=0``)."""
+    return f"val_mean_last_{k}"
+
+
+def last_k_results(out_dir: Path, select: str) -> tuple[int, Results] | None:
+    """``(k, mean of the last k epochs)`` from the run's ``summary.json`` when ``select`` is
+    ``last_<k>``; ``None`` otherwise."""
+    k = last_k_epochs(select)
+    if k is None:
+        return None
+    summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+    return k, summary["results"][last_k_split(k)]
 
 
 def check_run(
@@ -338,7 +361,8 @@ def run_stl(
         for name in names:
             task_dir = out_dir / "stl" / name
             select = base.select
-            if select not in ("loss", "last") and not select.startswith(f"{name}/"):
+            keeps = select in ("loss", "last") or last_k_epochs(select) is not None
+            if not keeps and not select.startswith(f"{name}/"):
                 select = "loss"  # another task's metric: that task is not trained here
             single = dataclasses.replace(base, tasks=[name], select=select, out=str(task_dir))
             results = _stl_task(single, task_dir, overwrite, announce)
@@ -413,18 +437,12 @@ def check_baseline(baseline: Results, tasks: Sequence[Task], path: str | Path) -
 def format_delta_m(
     results: Results, tasks: Sequence[Task], baseline: Results, path: str | Path
 ) -> str:
-    """The run's Δm% against ``baseline`` (lower is better), over the tasks' metrics (losses
-    left out): the mean over all metrics (Nash-MTL, FAMO) and the mean over tasks of each task's
-    mean, weighted by ``Task.weight`` (LibMTL)."""
-    metrics = {t.name: {m: results[t.name][m] for m in t.metrics} for t in tasks}
-    directions = {t.name: t.higher_is_better() for t in tasks}
-    weights = {t.name: t.weight for t in tasks}
-    flat = delta_m(metrics, baseline, directions, mode="flat")
-    per_task = delta_m(metrics, baseline, directions, mode="task_mean", task_weights=weights)
-    return (
-        f"delta_m vs {path}: {flat:+.2f}% (mean over metrics), "
-        f"{per_task:+.2f}% (mean over tasks); lower is better"
-    )
+    """The run's Δm% and Δp against ``baseline``, labelled with their conventions
+    (:func:`mtlkit.tasks.baseline_deltas`): Nash-MTL's and FAMO's Δm%, the mean over all
+    metrics (lower is better), and LibMTL's Δp, the ``Task.weight``-weighted mean over tasks of
+    each task's mean (higher is better)."""
+    flat, improvement = baseline_deltas(results, tasks, baseline)
+    return f"vs {path}: Δm% {flat:+.2f} ({DELTA_M_LABEL}); Δp {improvement:+.2f}% ({DELTA_P_LABEL})"
 
 
 def seeded(

@@ -94,6 +94,7 @@ def check_config(config: TrainConfig) -> None:
     from mtlkit.architectures import ARCHITECTURES
     from mtlkit.data.benchmarks import DATASETS
     from mtlkit.methods import METHODS
+    from mtlkit.training.evaluation import last_k_epochs
     from mtlkit.training.optim import OPTIMIZERS, SCHEDULERS
     from mtlkit.training.strategies import STRATEGIES
 
@@ -119,6 +120,12 @@ def check_config(config: TrainConfig) -> None:
         )
     if "groups" in config.strategy_args:
         check_groups(config.strategy_args["groups"], None, "strategy_args.groups")
+    k = last_k_epochs(config.select)
+    if k is not None and config.epochs is not None and config.epochs < k:
+        raise ConfigError(
+            f"select={config.select!r} averages the last {k} epochs, but epochs={config.epochs} "
+            f"trains fewer; give epochs >= {k} or another select"
+        )
     check_device(config.device)
     if config.out is not None:
         check_out_dir(config.out)

@@ -1,5 +1,6 @@
 """Bargaining and α-fair weightings: Nash-MTL and FairGrad, both the positive solution of
-``G w = w^(-1/α)`` (Nash-MTL is ``α = 1``), solved by :func:`~mtlkit.methods.solvers.fair_weights`.
+``G w = w^(-1/α)`` (Nash-MTL is ``α = 1``), solved by
+:func:`~mtlkit.methods.fair_solver.fair_weights`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import torch
 from torch import Tensor
 
 from mtlkit.methods.base import GramianWeighting
+from mtlkit.methods.fair_solver import FairSolve, fair_weights
 from mtlkit.methods.registry import METHODS
-from mtlkit.methods.solvers import FairSolve, fair_weights, gramian_to_numpy, to_weights
+from mtlkit.methods.solvers import gramian_to_numpy, to_weights
 
 
 class _FairWeighting(GramianWeighting):
@@ -83,8 +85,8 @@ class NashMTL(_FairWeighting):
     ``g_i · d`` in a ball: ``α > 0`` solves ``G α = 1/α`` (``g_i · d = 1/α_i``: each task's
     improvement is inversely proportional to its weight). The solution is unique: it minimises
     the strictly convex ``½ αᵀGα - Σ_i log α_i``; it is found by damped Newton
-    (:func:`~mtlkit.methods.solvers.fair_weights`, warm-started from the previous solution as the
-    paper's code does). The paper's code instead runs up to ``optim_niter`` rounds of a
+    (:func:`~mtlkit.methods.fair_solver.fair_weights`, warm-started from the previous solution as
+    the paper's code does). The paper's code instead runs up to ``optim_niter`` rounds of a
     convex-concave procedure with cvxpy/ECOS and stops at ``|Gα - 1/α| < 1e-3``; this solves the
     same equation to 1e-10 (relative), or warns. Every ``update_weights_every`` steps ``α`` is
     recomputed; in between the last one is reused. Finally, if ``max_norm > 0`` the direction is
@@ -158,7 +160,7 @@ class FairGrad(_FairWeighting):
     ``Σ_i (g_i · d)^{1-α} / (1-α)`` (``Σ log`` for ``α = 1``) in a ball; with ``d = Jᵀw`` the
     optimality condition is ``G w = w^(-1/α)`` (``g_i · d = w_i^{-1/α}``), ``w > 0``. Its unique
     solution minimises the strictly convex ``½ wᵀGw - Σ_i w_i^{1-1/α} / (1-1/α)`` and is found by
-    damped Newton (:func:`~mtlkit.methods.solvers.fair_weights`); the paper's code solves the
+    damped Newton (:func:`~mtlkit.methods.fair_solver.fair_weights`); the paper's code solves the
     equation with ``scipy.optimize.least_squares`` to its default tolerance. ``α = 1`` is Nash-MTL
     (:class:`NashMTL`); ``α → 0`` tends to linear scalarisation, large ``α`` to max-min fairness.
     As in the paper's code the direction's norm is then clipped to ``max_norm``.

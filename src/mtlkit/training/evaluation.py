@@ -1,19 +1,22 @@
 """Evaluation on a split (per-task metrics and mean loss) and model selection on validation.
 
 Model selection keeps the epoch with the lowest summed validation loss by default (as Pascal et
-al., 2021, do), or the best value of one task's metric, or the last epoch.
+al., 2021, do), or the best value of one task's metric, or the last epoch. ``"last_<k>"`` (e.g.
+``"last_10"``) keeps the last epoch too, and its results are the mean of the metrics of the last
+``k`` epochs (:func:`mean_of_last_epochs`): the protocol of Nash-MTL (Navon et al., 2022) and
+FAMO (Liu et al., 2023), who report the test metrics averaged over the last 10 epochs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mtlkit.data.multi_input import MultiInputLoader
-from mtlkit.errors import MtlkitError
+from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.tasks import Task
 from mtlkit.training.devices import to_device
 
@@ -71,9 +74,55 @@ def evaluate_model(
     return results
 
 
+LAST_K_PREFIX = "last_"
+
+
+def last_k_epochs(criterion: str) -> int | None:
+    """``k`` of a ``"last_<k>"`` criterion (``"last_10"`` -> 10); ``None`` for the others.
+
+    Raises:
+        ConfigError: for ``"last_<something>"`` that is not a whole number >= 1.
+    """
+    if not isinstance(criterion, str) or not criterion.startswith(LAST_K_PREFIX):
+        return None
+    text = criterion[len(LAST_K_PREFIX) :]
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(
+            f"selection criterion {criterion!r}: last_<k> takes a whole number k >= 1 of "
+            "epochs, e.g. last_10"
+        )
+    return int(text)
+
+
+def mean_of_last_epochs(
+    history: Sequence[Mapping[str, Any]], tasks: Iterable[Task], k: int, split: str = "val"
+) -> Results:
+    """``{task: {metric: mean}}`` of the ``split/task/metric`` values (losses included) of the
+    last ``k`` rows of ``history`` (the Trainer's rows of ``metrics.csv``, one per epoch).
+
+    Raises:
+        MtlkitError: if fewer than ``k`` epochs have ``split`` results.
+    """
+    tasks = list(tasks)
+    keys = [(t.name, m) for t in tasks for m in ("loss", *t.metrics)]
+    rows = [r for r in history if all(f"{split}/{t}/{m}" in r for t, m in keys)]
+    if len(rows) < k:
+        raise MtlkitError(
+            f"the mean of the last {k} epochs needs {k} epochs evaluated on the {split} split; "
+            f"the run has {len(rows)}"
+        )
+    last = rows[-k:]
+    results: Results = {}
+    for t, m in keys:
+        results.setdefault(t, {})[m] = sum(float(r[f"{split}/{t}/{m}"]) for r in last) / k
+    return results
+
+
 class Selection:
     """A model-selection criterion: ``"loss"`` (lowest summed validation loss), ``"last"`` (the
-    last epoch) or ``"task/metric"`` (e.g. ``"left/acc"``, best in the metric's direction).
+    last epoch), ``"last_<k>"`` (the last epoch; the results are averaged over the last ``k``
+    epochs, see :func:`mean_of_last_epochs`) or ``"task/metric"`` (e.g. ``"left/acc"``, best in
+    the metric's direction).
 
     Raises:
         MtlkitError: for an unknown criterion, listing the valid ones.
@@ -81,10 +130,11 @@ class Selection:
 
     def __init__(self, criterion: str, tasks: Iterable[Task]) -> None:
         self.by_name = {t.name: t for t in tasks}
-        if criterion not in ("loss", "last"):
+        self.last_k = last_k_epochs(criterion)
+        if criterion not in ("loss", "last") and self.last_k is None:
             task, _, metric = criterion.partition("/")
             if task not in self.by_name or metric not in self.by_name[task].metrics:
-                valid = ["loss", "last"] + [
+                valid = ["loss", "last", "last_<k>"] + [
                     f"{t.name}/{m}" for t in self.by_name.values() for m in t.metrics
                 ]
                 raise MtlkitError(
@@ -94,7 +144,7 @@ class Selection:
 
     def score(self, results: Results, epoch: int) -> float:
         """The score of ``results`` (of epoch ``epoch``); lower is better."""
-        if self.criterion == "last":
+        if self.criterion == "last" or self.last_k is not None:
             return -float(epoch)
         if self.criterion == "loss":
             return sum(r["loss"] for r in results.values())

@@ -16,8 +16,7 @@ from mtlkit.app.config import BUDGET_KEYS, TrainConfig
 from mtlkit.app.runner import STL_BASELINE, load_baseline, make_loaders
 from mtlkit.data.multi_input import MultiInputLoader
 from mtlkit.errors import MtlkitError
-from mtlkit.metrics import delta_m
-from mtlkit.tasks import Task
+from mtlkit.tasks import Task, baseline_deltas
 from mtlkit.training.logs import atomic_file, write_atomic, write_json_atomic
 
 
@@ -34,7 +33,7 @@ def result_columns(tasks: Sequence[Task]) -> list[str]:
     cost = ["epochs", "steps", "batches", "passes", "backwards", "forward_backward"]
     cost += ["seconds", "seconds_per_epoch", "peak_memory_mb", "best_epoch"]
     head = ["run", "method", "strategy", "seed", "budget"]
-    return [*head, *metrics, *losses, "delta_m", "delta_m_task", *cost]
+    return [*head, *metrics, *losses, "delta_m", "delta_p", *cost]
 
 
 def load_baselines(
@@ -57,16 +56,12 @@ def run_delta_m(
     tasks: Sequence[Task],
     baseline: Mapping[str, Mapping[str, float]] | None,
 ) -> tuple[float, float]:
-    """Δm% of one run's test metrics against ``baseline`` (NaN without one): the mean over
-    all metrics (Nash-MTL, FAMO) and the ``Task.weight``-weighted mean over tasks (LibMTL)."""
+    """``(Δm%, Δp)`` of one run's test metrics against ``baseline`` (NaN without one):
+    Nash-MTL's and FAMO's Δm% (lower is better) and LibMTL's Δp (higher is better); see
+    :func:`mtlkit.tasks.baseline_deltas`."""
     if baseline is None:
         return math.nan, math.nan
-    metrics = {t.name: {m: test[t.name][m] for m in t.metrics} for t in tasks}
-    directions = {t.name: t.higher_is_better() for t in tasks}
-    weights = {t.name: t.weight for t in tasks}
-    flat = delta_m(metrics, baseline, directions, mode="flat")
-    per_task = delta_m(metrics, baseline, directions, mode="task_mean", task_weights=weights)
-    return flat, per_task
+    return baseline_deltas(test, tasks, baseline)
 
 
 def delta_m_note(run_dir: Path, tasks: Sequence[Task], baseline: Path) -> str:
@@ -122,7 +117,7 @@ def collect_rows(
         }
         row.update({f"{t.name}/{m}": test[t.name][m] for t in tasks for m in t.metrics})
         row.update({f"{t.name}/loss": test[t.name].get("loss") for t in tasks})
-        row["delta_m"], row["delta_m_task"] = run_delta_m(test, tasks, baselines.get(spec.seed))
+        row["delta_m"], row["delta_p"] = run_delta_m(test, tasks, baselines.get(spec.seed))
         batches = cost.get("batches") or 0
         seconds = cost["seconds"]
         row.update(
@@ -209,10 +204,11 @@ def results_markdown(
     lines.append(
         f"`{grid.base.arch}` on `{grid.base.data}` (tasks: {names}); seeds "
         f"{', '.join(map(str, grid.seeds))}. Test metrics of the model selected on the "
-        f"validation split (select={grid.base.select}), mean ± std over seeds. Δm%: the mean "
-        f"relative change of the tasks' metrics against {baseline_description(grid)}, signed "
-        "so that lower is better (0: single-task level); 95% CI: Student t interval of the "
-        "mean over seeds."
+        f"validation split (select={grid.base.select}), mean ± std over seeds. Δm% (Nash-MTL, "
+        f"FAMO): the mean relative change of all the tasks' metrics against "
+        f"{baseline_description(grid)}, signed so that lower is better (0: single-task "
+        "level); LibMTL's Δp (the mean over tasks, higher is better) is in results.csv; 95% "
+        "CI: Student t interval of the mean over seeds."
     )
     if grid.budgets:
         described = "; ".join(f"`{b.name}`: {b.describe()}" for b in grid.budgets)
