@@ -18,13 +18,14 @@ import torch
 from torch import Tensor
 
 from mtlkit.methods.base import GramianWeighting, check_gramian
+from mtlkit.methods.float64_gramian import Float64GramianWeighting
 from mtlkit.methods.registry import METHODS
 
 SmoothingInit = Literal["first", "uniform"]
 
 
 @METHODS.register("smoothed")
-class Smoothed(GramianWeighting):
+class Smoothed(Float64GramianWeighting):
     """Exponential moving average of the weights of an inner Gramian weighting: the
     correlation-reduced multi-objective gradient manipulation (CR-MOGM) of Zhou, Zhang, Jiang,
     Zhong, Gu & Zhu, "On the Convergence of Stochastic Multi-Objective Gradient Manipulation and
