@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mtlkit import Budget, Trainer
+from mtlkit import Alternating, Budget, Joint, Trainer
 from mtlkit.app.cli import EXIT_USER_ERROR, main
 from mtlkit.app.config import load_config, parse_value
 from mtlkit.app.validation import check_arguments, matches_type
@@ -22,7 +22,7 @@ from mtlkit.data.benchmarks import DATASETS
 from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.registry import Registry
 from mtlkit.tasks import Task
-from mtlkit.training.preflight import peek_first_batch
+from mtlkit.training.preflight import sample_batch
 
 TINY = [
     "data_args.n_train=16",
@@ -271,33 +271,155 @@ def test_dry_forward_checks_outputs_and_losses():
         trainer.fit(loader)
 
 
-def test_validation_does_not_change_the_run():
-    """The dry forward pass and the method trials restore every random state: the first batch
-    and the global generator are the same after validation, and training is bit-identical."""
+class OwnShuffle:
+    """A user's re-iterable data: it reshuffles on every ``iter()`` with a generator kept under
+    a name no library could guess (``self.gen``), and records the orders it drew."""
+
+    def __init__(self, dataset, batch_size=8, seed=5):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.orders = []
+
+    def __iter__(self):
+        order = torch.randperm(len(self.dataset), generator=self.gen)
+        self.orders.append(order)
+        for start in range(0, len(order), self.batch_size):
+            rows = [self.dataset[int(i)] for i in order[start : start + self.batch_size]]
+            x = torch.stack([r[0] for r in rows])
+            yield x, {t: torch.stack([torch.as_tensor(r[1][t]) for r in rows]) for t in rows[0][1]}
+
+
+class Seen(Joint):
+    """Joint that records the inputs of every batch it steps on."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def step(self, batch, compute_losses, step):
+        self.inputs.append(batch[0].clone())
+        return super().step(batch, compute_losses, step)
+
+
+def test_the_checks_do_not_touch_a_users_iterable():
+    """The first epoch trains on the iterable's first shuffle: the pre-flight check does not
+    iterate the training data (it reshuffled it before, when its generator had another name
+    than the known ones), and a model that does not fit still fails before any step."""
+    problem, _ = small_problem()
+    data = OwnShuffle(problem.splits["train"])
+    strategy = Seen()
+    torch.manual_seed(0)
+    trainer = Trainer(small_model(problem), problem.tasks, strategy, budget=Budget(steps=3),
+                      progress=False)  # fmt: skip
+    trainer.validate(data)  # what the CLI does before training: no batch is drawn
+    assert data.orders == []
+    trainer.fit(data)
+    assert len(data.orders) == 1  # one shuffle for one epoch
+    twin = OwnShuffle(problem.splits["train"])  # the same generator, untouched
+    expected = [x for x, _ in twin][:3]
+    assert len(strategy.inputs) == 3
+    for got, want in zip(strategy.inputs, expected):
+        assert torch.equal(got, want)
+
+    missing = small_model(problem, left=nn.Linear(16, 10), right=nn.Linear(16, 10))
+    refused = Seen()
+    trainer = Trainer(missing, problem.tasks, refused, budget=Budget(steps=1), progress=False)
+    with pytest.raises(ConfigError, match="gives no output for task 'sum'"):
+        trainer.fit(OwnShuffle(problem.splits["train"]))
+    assert refused.inputs == []  # the dry forward on the first batch came before its step
+    with pytest.raises(ConfigError, match="gives no output for task 'sum'"):
+        Trainer(missing, problem.tasks, Seen(), progress=False).validate(
+            data, sample=sample_batch(DataLoader(problem.splits["val"], batch_size=4))
+        )
+
+
+def test_sample_batch_leaves_the_loader_and_the_random_state():
     problem, loader = small_problem()
     torch.manual_seed(0)
-    state = torch.get_rng_state()
-    peeked = peek_first_batch(loader)
+    state, loader_state = torch.get_rng_state(), loader.generator.get_state()
+    sample = sample_batch(loader)
     assert torch.equal(torch.get_rng_state(), state)
-    # the loader's generator is back where it was: the epoch starts with the peeked batch
-    assert torch.equal(next(iter(loader))[0], peeked[0])
-    assert not torch.equal(next(iter(loader))[0], peeked[0])  # (iterating does move it)
-    assert peek_first_batch(iter(loader)) is None  # a one-shot iterator is not consumed
+    assert torch.equal(loader.generator.get_state(), loader_state)
+    first = [problem.splits["train"][i][0] for i in range(8)]  # unshuffled: the first rows
+    assert torch.equal(sample[0], torch.stack(first))
+    assert sample_batch(iter(loader)) is None and sample_batch(OwnShuffle([])) is None
+    multi = sample_batch({"a": loader, "b": loader})
+    assert set(multi) == {"a", "b"} and torch.equal(multi["a"][0], sample[0])
 
-    _, loader = small_problem()
+
+def test_validation_does_not_change_the_run():
+    """The dry forward pass and the method trials restore every random state: training is
+    bit-identical to a run without the checks."""
+    problem, loader = small_problem()
     torch.manual_seed(1)
     model = small_model(problem)
     twin = copy.deepcopy(model)
     trainer = Trainer(model, problem.tasks, budget=Budget(steps=3), progress=False)
-    trainer.validate(loader)
+    trainer.validate(loader, sample=sample_batch(loader))
     trainer.fit(loader)
     _, fresh = small_problem()  # a loader whose generator starts where the first one did
     unchecked = Trainer(twin, problem.tasks, budget=Budget(steps=3), progress=False)
     unchecked._validated = True  # skip the checks: the reference
+    unchecked._checked_batch = True
     unchecked._setup_strategy()
     unchecked.fit(fresh)
     for a, b in zip(model.state_dict().values(), twin.state_dict().values()):
         assert torch.equal(a, b)
+
+
+class CountingHPS(HPS):
+    """HPS that counts the calls of each head."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = dict.fromkeys(self.heads, 0)
+        for name, head in self.heads.items():
+            head.register_forward_hook(lambda *_, name=name: self._count(name))
+
+    def _count(self, name):
+        self.calls[name] += 1
+
+
+def test_alternating_steps_compute_only_their_groups_heads():
+    """Each one-task group step runs the encoder and that task's head (HPS's forward(x,
+    task=t)), not every head: 3 head calls per batch, not 9; the steps and the reported losses
+    are those of the full forward."""
+    problem, _ = small_problem()
+    runs = {}
+    for alone in (True, False):
+        torch.manual_seed(0)
+        model = CountingHPS(
+            nn.Sequential(nn.Flatten(), nn.Linear(96, 16), nn.ReLU()),
+            {t: nn.Linear(16, k) for t, k in problem.task_outputs.items()},
+        )
+        trainer = Trainer(model, problem.tasks, Alternating(), budget=Budget(steps=6),
+                          progress=False, track_exploration=False)  # fmt: skip
+        if not alone:
+            trainer._checked_batch = True  # no dry forward: task_forward stays False
+        _, fresh = small_problem()
+        trainer.fit(fresh)
+        assert trainer.task_forward is alone
+        runs[alone] = (model, trainer)
+    model, _ = runs[True]
+    # 2 steps each, the dry forward, and its check of forward(x, task="left")
+    assert model.calls == {"left": 2 + 1 + 1, "right": 2 + 1, "sum": 2 + 1}
+    assert runs[False][0].calls == {"left": 6, "right": 6, "sum": 6}  # every head, every step
+    for a, b in zip(runs[True][0].state_dict().values(), runs[False][0].state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_forward_that_takes_task_must_give_that_task():
+    problem, loader = small_problem()
+
+    class Ignores(HPS):
+        def forward(self, x, task=None, return_features=False):
+            outputs = super().forward(x)
+            return {t: out * 0 for t, out in outputs.items()} if task is not None else outputs
+
+    model = Ignores(nn.Flatten(), {t: nn.Linear(96, k) for t, k in problem.task_outputs.items()})
+    trainer = Trainer(model, problem.tasks, budget=Budget(steps=1), progress=False)
+    with pytest.raises(ConfigError, match=r"forward\(x, task='left'\) does not give the output"):
+        trainer.fit(loader)
 
 
 def test_a_checkpoint_of_another_model_is_a_clear_error(tmp_path):

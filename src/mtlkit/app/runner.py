@@ -42,6 +42,7 @@ from mtlkit.training.checkpoint import CHECKPOINT_NAME, check_trainer_state, loa
 from mtlkit.training.evaluation import last_k_epochs, mean_of_last_epochs
 from mtlkit.training.logs import write_atomic, write_json_atomic
 from mtlkit.training.optim import optimizer
+from mtlkit.training.preflight import sample_batch
 from mtlkit.training.run_dir import (
     check_claim,
     claim_run_dir,
@@ -318,7 +319,9 @@ def build_run(
         on_nonfinite=config.on_nonfinite,
     )
     loaders = make_loaders(problem, config)
-    trainer.validate(loaders["train"])  # before the run's files are written (mtlkit.app.validation)
+    # Before the run's files are written (mtlkit.app.validation): the dry forward on a batch of
+    # the validation split, so that the training loaders are not touched before training.
+    trainer.validate(loaders["train"], sample=sample_batch(loaders.get("val")))
     return trainer, loaders
 
 

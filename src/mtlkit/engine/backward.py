@@ -17,6 +17,7 @@ optimizer step, extra batches, epoch ends), which :class:`mtlkit.Step` runs;
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -43,6 +44,8 @@ StepRoute = Literal["auto", "loop", "batched", "gramian"]
 
 def check_finite(losses: Tensor) -> None:
     """Raise :class:`NonFiniteError` naming the first task whose loss is NaN or infinite."""
+    if math.isfinite(float(losses.detach().sum())):  # one read; NaN/inf make the sum so
+        return
     finite = torch.isfinite(losses.detach())
     if not bool(finite.all()):
         bad = int((~finite).nonzero()[0])
@@ -84,7 +87,8 @@ def backward(
         method: a :class:`~mtlkit.methods.Method`; ``None`` means equal weights (sum).
         features: the shared representation(s) (the encoder's output); multi-input models give
             one tensor per task.
-        route, max_memory: see :func:`jacobian`.
+        route, max_memory: see :func:`jacobian` (``"auto"`` is the loop; the explicit routes
+            are ``"loop"`` and ``"batched"``; the Gramian route is ``capture=``).
         retain_graph: keep the graph after the backward.
         capture: the layer capture of the Gramian route (parameter route only; the method must
             be a :class:`~mtlkit.methods.GramianWeighting`).
@@ -141,12 +145,15 @@ def method_backward(
     retain_graph: bool = False,
     capture: LayerCapture | None = None,
     reducer: Reducer | None = None,
+    check_losses: bool = True,
 ) -> Decision:
     """:func:`backward` without the protocol check: the caller (the step driver) runs the
-    method's hooks."""
+    method's hooks. ``check_losses=False``: the caller has checked that the losses are finite
+    (the step driver's non-finite guard)."""
     scalars = loss_list(losses)
     stacked = torch.stack(scalars)
-    check_finite(stacked)
+    if check_losses:
+        check_finite(stacked)
     kind = "loss" if method is None else getattr(method, "kind", None)
     if kind == "loss":
         if method is None:

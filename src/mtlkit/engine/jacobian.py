@@ -112,7 +112,10 @@ def jacobian(
         losses: m scalar tensors, or a ``[m]`` tensor.
         inputs: tensors that require grad (parameters or intermediate features).
         route: ``"loop"`` (one ``autograd.grad`` per loss), ``"batched"`` (``is_grads_batched``)
-            or ``"auto"`` (the measured-fastest for the graph).
+            or ``"auto"``: the loop, the route measured fastest offline on every model
+            benchmarked (:func:`choose_route`); nothing is timed here. (The Trainer's
+            ``route="auto"`` measures the loop against the Gramian route on the run's first
+            steps: :mod:`mtlkit.training.route_choice`.)
         max_memory: bytes the batched route may use for the rows it computes at once; it then
             splits the tasks into chunks. ``None``: no cap.
         retain_graph: keep the graph for a later backward (default true).

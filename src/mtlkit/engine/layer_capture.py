@@ -44,6 +44,13 @@ from mtlkit.engine.jacobian import jacobian
 from mtlkit.errors import MtlkitError
 
 
+class CaptureUnsupported(MtlkitError):
+    """The captured layers cannot give this model's Gramian: an output was modified in place
+    after the forward, or the first Gramian differs from ``J Jᵀ`` (weight tying). Raised by
+    :meth:`LayerCapture.task_gradients` before any gradient is accumulated, so the same forward
+    pass can still take the Jacobian route."""
+
+
 @dataclass
 class _Record:
     """One call of a captured layer: its input rows and its output (in the graph)."""
@@ -182,7 +189,7 @@ class LayerCapture:
                 )
         for record in records:
             if record.output._version != record.version:
-                raise MtlkitError(
+                raise CaptureUnsupported(
                     f"the output of {record.module} was modified in place after the forward "
                     "(e.g. ReLU(inplace=True)); the Gramian route needs it intact: use "
                     "inplace=False in the shared layers, or the Jacobian route"
@@ -276,7 +283,7 @@ def _verify(gram: Tensor, losses: Sequence[Tensor], shared: Sequence[Tensor]) ->
     scale = float(reference.abs().max().clamp_min(torch.finfo(reference.dtype).tiny))
     error = float((gram - reference).abs().max()) / scale
     if error > 1e-4:
-        raise MtlkitError(
+        raise CaptureUnsupported(
             f"the layer-wise Gramian differs from J Jᵀ by {error:.2e} (relative): a captured "
             "layer's parameters are used outside its forward (weight tying?) or a captured "
             "layer is not shared; capture only the shared layers, or use the Jacobian route"

@@ -27,8 +27,46 @@ class ForwardResult:
     def stacked(self, tasks: Sequence[str]) -> Tensor:
         return torch.stack(self.loss_list(tasks))
 
+    def floats(self) -> dict[str, float]:
+        """Each task's loss as a float (one stack and one read when they are scalars of one
+        dtype, the usual case)."""
+        losses = list(self.losses.values())
+        if losses and all(v.dim() == 0 and v.dtype == losses[0].dtype for v in losses):
+            return dict(zip(self.losses, torch.stack(losses).detach().tolist()))
+        return {t: float(v.detach()) for t, v in self.losses.items()}
+
 
 ComputeLosses = Callable[[Any], ForwardResult]
+
+
+class SubsetLosses:
+    """A ``compute_losses`` closure that can also compute the losses of some tasks only:
+    ``losses(batch)`` gives every task's, ``losses.subset(tasks)`` is the closure of ``tasks``
+    (a strategy that steps on a group of tasks, :class:`~mtlkit.training.strategies.Alternating`,
+    then pays only for that group's heads and losses).
+
+    Args:
+        compute: ``(batch, tasks or None) -> ForwardResult`` with the losses of ``tasks``
+            (every task for ``None``).
+    """
+
+    def __init__(self, compute: Callable[[Any, Sequence[str] | None], ForwardResult]) -> None:
+        self.compute = compute
+
+    def __call__(self, batch: Any) -> ForwardResult:
+        return self.compute(batch, None)
+
+    def subset(self, tasks: Sequence[str]) -> ComputeLosses:
+        chosen = list(tasks)
+        return lambda batch: self.compute(batch, chosen)
+
+
+def restrict(compute_losses: ComputeLosses, tasks: Sequence[str]) -> ComputeLosses:
+    """``compute_losses`` for ``tasks`` only when it is a :class:`SubsetLosses`; otherwise it is
+    returned as is (its results hold every task's loss, of which the step uses ``tasks``)."""
+    if isinstance(compute_losses, SubsetLosses):
+        return compute_losses.subset(tasks)
+    return compute_losses
 
 
 def as_forward_result(value: Any, tasks: Sequence[str] | None = None) -> ForwardResult:

@@ -4,11 +4,20 @@
 needs a multi-input model and the other way round; each method is set up for the number of tasks
 it will see (``num_tasks``, per group for ``Alternating``) and run through the step driver for a
 few steps on a small random problem of that size (:func:`check_methods`: so Krum with 3 tasks,
-``constant`` weights of the wrong length, NGDiff with 3 tasks are refused before training); and
-one dry forward pass on the first training batch (in ``eval`` mode, without gradients, the random
-state restored afterwards, so the run is unchanged) checks that the model gives an output for
-every task, returns its shared representation when ``rep_grad`` needs it, and that each task's
-loss accepts that output and target (shape and dtype) and returns one number.
+``constant`` weights of the wrong length, NGDiff with 3 tasks are refused before training).
+
+:func:`dry_forward` then runs one forward pass (in ``eval`` mode, without gradients, the random
+state restored afterwards) and checks that the model gives an output for every task, returns its
+shared representation when ``rep_grad`` needs it, and that each task's loss accepts that output
+and target (shape and dtype) and returns one number. The Trainer runs it on the **first batch
+the training loop draws**, before that batch's step: the training data is never peeked at, so a
+user's iterable (whatever it keeps its shuffling generator in) yields exactly the batches it
+would have yielded without the check. A caller that wants the check before training starts
+(the CLI, before it writes the run's files) gives a sample batch of another loader
+(:func:`sample_batch` of the validation split) to ``Trainer.validate(train, sample=...)``.
+
+The dry forward also decides whether a single-input model's ``forward(x, task=t)`` computes
+task ``t`` alone (:func:`task_forward`): the Trainer then uses it for the steps of one-task groups.
 
 The checks of a config before any model exists are in :mod:`mtlkit.app.validation`.
 """
@@ -17,12 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from mtlkit.data.multi_input import MultiInputLoader
 from mtlkit.errors import ConfigError, MtlkitError
@@ -30,12 +41,13 @@ from mtlkit.methods.base import Method
 from mtlkit.training.devices import model_hook, to_device
 from mtlkit.training.step import Step
 
-__all__ = ["check_methods", "check_training", "dry_forward", "peek_first_batch"]
+__all__ = ["check_methods", "check_training", "dry_forward", "sample_batch", "task_forward"]
 
 
-def check_training(trainer: Any, train: Iterable[Any]) -> None:
-    """The checks :meth:`mtlkit.Trainer.validate` runs before the first step (module docstring,
-    step 4): loader vs model input kind, every method on its number of tasks, one dry forward.
+def check_training(trainer: Any, train: Iterable[Any], sample: Any = None) -> None:
+    """The checks :meth:`mtlkit.Trainer.validate` runs before the first step (module
+    docstring): loader vs model input kind, every method on its number of tasks, and the dry
+    forward on ``sample`` when one is given (``train`` itself is not iterated).
 
     Raises:
         ConfigError: naming the task, the shapes or the method at fault.
@@ -54,9 +66,8 @@ def check_training(trainer: Any, train: Iterable[Any]) -> None:
             "{task: DataLoader} (or a MultiInputLoader), or build the model with multi_input=False"
         )
     check_methods(trainer.strategy.methods())
-    batch = peek_first_batch(train)
-    if batch is not None:
-        dry_forward(trainer, batch)
+    if sample is not None:
+        dry_forward(trainer, sample)
 
 
 def check_methods(methods: Sequence[Method]) -> None:
@@ -124,55 +135,40 @@ def _preserved_rng(device: torch.device) -> Iterator[None]:
             torch.cuda.set_rng_state(cuda, device)
 
 
-def peek_first_batch(train: Iterable[Any]) -> Any:
-    """The first batch of ``train`` without changing the run: the loaders' shuffling generators
-    and the global random state are restored afterwards, so the epoch then starts exactly as it
-    would have. ``None`` for a one-shot iterator (peeking would lose the batch) or empty data.
+def sample_batch(loader: Any) -> Any:
+    """The first batch of a fresh, unshuffled, single-process copy of ``loader`` (a
+    ``DataLoader`` with a ``batch_size``, or ``{task: DataLoader}`` / a
+    :class:`MultiInputLoader` of them), for :func:`dry_forward` before training; ``loader``
+    itself and the global random state are left as they were. ``None`` for anything else, or
+    for empty data.
     """
-    if isinstance(train, Iterator) or not isinstance(train, Iterable):
-        return None  # a one-shot iterator: peeking would consume its first batch
-    gens = _generators(train)
-    states = [g.get_state() for g in gens]
+    if isinstance(loader, (Mapping, MultiInputLoader)):
+        parts = loader.loaders if isinstance(loader, MultiInputLoader) else loader
+        batches = {task: sample_batch(part) for task, part in parts.items()}
+        return None if any(b is None for b in batches.values()) else batches
+    if not isinstance(loader, DataLoader) or loader.batch_size is None:
+        return None
+    twin = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
     with _preserved_rng(torch.device("cpu")):
-        try:
-            batch = next(iter(train), None)
-        finally:
-            for gen, state in zip(gens, states):
-                gen.set_state(state)
-    return batch
+        batch = next(iter(twin), None)
+    return tuple(batch) if isinstance(batch, list) else batch
 
 
-_LOADER_PARTS = ("generator", "sampler", "batch_sampler", "loader", "loaders")
-
-
-def _generators(obj: Any, depth: int = 0, found: dict[int, torch.Generator] | None = None):
-    """Every ``torch.Generator`` a loader draws from: its own, its samplers', and those of the
-    loaders it wraps (multi-input, sharded), each once."""
-    found = {} if found is None else found
-    if isinstance(obj, torch.Generator):
-        found.setdefault(id(obj), obj)
-    elif depth < 6 and obj is not None:
-        items = obj.values() if isinstance(obj, Mapping) else None
-        if items is not None:
-            for item in items:
-                _generators(item, depth + 1, found)
-        else:
-            for name in _LOADER_PARTS:
-                part = getattr(obj, name, None) if not isinstance(obj, Tensor) else None
-                if part is not None and part is not obj:
-                    _generators(part, depth + 1, found)
-    return list(found.values())
-
-
-def dry_forward(trainer: Any, batch: Any) -> None:
+def dry_forward(trainer: Any, batch: Any) -> bool:
     """One forward pass on ``batch`` (eval mode, no gradients, random state restored) checking
     outputs and losses per task.
+
+    Returns:
+        Whether the model is single-input and computes one task alone with
+        ``forward(x, task=t)`` (:func:`task_forward`).
 
     Raises:
         ConfigError: the model fails on the batch, misses a task's output, does not give its
             shared representation for ``rep_grad``, or a task's loss rejects the output and
-            target (their shapes and dtypes are named) or does not return one number.
+            target (their shapes and dtypes are named) or does not return one number; or its
+            ``forward`` takes ``task=`` but does not give that task's output.
     """
+    alone = False
     model = trainer.model
     name = type(model).__name__
     batch = to_device(batch, trainer.device)
@@ -210,9 +206,43 @@ def dry_forward(trainer: Any, batch: Any) -> None:
                             f"{', '.join(map(str, targets))})"
                         )
                     _check_task(trainer, task, outputs, targets[task])
+                alone = task_forward(trainer, inputs, outputs)
             model_hook(model, "auxiliary_losses")  # forget what the dry pass may have left
     finally:
         model.train(was_training)
+    return alone
+
+
+def task_forward(trainer: Any, inputs: Any, outputs: Mapping[str, Any]) -> bool:
+    """Whether a single-input model's ``forward(x, task=t)`` computes task ``t`` alone: its
+    ``forward`` takes ``task`` (mtlkit's architectures do), and for the first task it gives that
+    task's output of ``forward(x)`` (``outputs``), to float tolerance. Called in eval mode
+    without gradients.
+
+    Raises:
+        ConfigError: the model takes ``task=`` but fails with it, or gives another output.
+    """
+    model = trainer.model
+    if "task" not in inspect.signature(model.forward).parameters:
+        return False
+    task = trainer.task_names[0]
+    name = type(model).__name__
+    alone = _forward(trainer, inputs, name, task=task)
+    expected, got = outputs[task], alone.get(task)
+    same = (
+        isinstance(got, Tensor)
+        and isinstance(expected, Tensor)
+        and got.shape == expected.shape
+        and torch.allclose(got.float(), expected.float(), rtol=1e-4, atol=1e-5)
+    )
+    if not same:
+        raise ConfigError(
+            f"{name}.forward takes task=, but forward(x, task={task!r}) does not give the output "
+            f"of task {task!r} that forward(x) gives ({_describe(got)} vs {_describe(expected)}"
+            "); a single-input model's forward(x, task=t) must compute task t's output (the "
+            "architecture contract, mtlkit.architectures.base), or not take task="
+        )
+    return True
 
 
 def _pair(batch: Any, what: str) -> tuple[Any, Any]:

@@ -42,6 +42,7 @@ from mtlkit.methods.base import Method, StepProbe
 from mtlkit.training.accumulation import accumulate, check_parallel
 from mtlkit.training.forward import ComputeLosses, ForwardResult, as_forward_result
 from mtlkit.training.nonfinite import NonFiniteGuard, Outcome, check_policy
+from mtlkit.training.route_choice import AutoRoute
 
 __all__ = [
     "Step",
@@ -81,7 +82,10 @@ class StepEnvironment:
         optimizer_step: ``optimizer -> stepped`` (the Trainer's also synchronises gradients
             across processes and skips the step on an fp16 overflow).
         on_optimizer_step: called right after every optimizer step.
-        capture: the layer capture of the Gramian route.
+        capture: the layer capture of the Gramian route (with ``auto``: while the Gramian route
+            is measured or chosen).
+        auto: for ``route="auto"``, the measurement that picks the loop or the Gramian route
+            for Gramian weightings (:mod:`mtlkit.training.route_choice`); ``None``: the loop.
     """
 
     rep_grad: bool = False
@@ -93,6 +97,7 @@ class StepEnvironment:
     optimizer_step: Callable[[torch.optim.Optimizer], bool] = _plain_step
     on_optimizer_step: Callable[[], None] = field(default=lambda: None)
     capture: LayerCapture | None = None
+    auto: AutoRoute | None = None
     guard: NonFiniteGuard = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -104,6 +109,16 @@ class StepEnvironment:
     def jacobian_route(self) -> str:
         """The route of the Jacobians that are still formed (extra batches)."""
         return "auto" if self.route == "gramian" else self.route
+
+    def backward_route(self, method: Method, num_tasks: int, features: Any) -> str:
+        """``"gramian"`` or the Jacobian route of this step's backward of ``method``."""
+        if method.kind != "gradient" or features is not None:
+            return self.jacobian_route
+        if self.auto is not None and getattr(method, "gramian_weighting", False):
+            route = self.auto.route(method, num_tasks)
+            self.capture = self.auto.capture  # registered, kept or removed by the measurement
+            return route
+        return "gramian" if self.capture is not None else self.jacobian_route
 
 
 @dataclass
@@ -187,16 +202,27 @@ def method_update(
         method.observe_extra(jacobians)
     features = result.features if environment.rep_grad else None
     gradient = method.kind == "gradient"
-    capture = environment.capture if gradient and features is None else None
-    decision = method_backward(
-        result.loss_list(tasks),  # a list, not a stack: see mtlkit.engine.jacobian.loss_list
-        shared=shared,
-        method=method,
-        features=features,
-        route=environment.jacobian_route,
-        capture=capture,
-        reducer=environment.reducer,
-    )
+    route = environment.backward_route(method, len(tasks), features)
+    losses = result.loss_list(tasks)  # a list, not a stack: see mtlkit.engine.jacobian.loss_list
+
+    def backward(with_method: Method, capture: LayerCapture | None, retain: bool) -> Any:
+        return method_backward(
+            losses,
+            shared=shared,
+            method=with_method,
+            features=features,
+            route=environment.jacobian_route,
+            capture=capture,
+            reducer=environment.reducer,
+            retain_graph=retain,
+            check_losses=False,  # the guard checked them
+        )
+
+    auto = environment.auto
+    if auto is not None and route == "loop" and auto.choice is None and gradient:
+        decision = auto.measure(method, losses, backward)  # route="auto" still measuring
+    else:
+        decision = backward(method, environment.capture if route == "gramian" else None, False)
     if environment.capture is not None:
         environment.capture.clear()  # records this backward did not consume (loss weightings)
     per_task = gradient and features is None and len(tasks) > 1
@@ -256,11 +282,11 @@ def method_step(
         weights, backwards, status = method_update(
             result, tasks, method, shared, environment, compute_losses
         )
-    losses = {t: float(v.detach()) for t, v in result.losses.items()}
+    losses = result.floats()
     stepped = guard.commit(environment)  # False: a skipped step (mtlkit.training.nonfinite)
     if stepped:
         environment.optimizer_step(optimizer)
-        guard.check_weights()
+        guard.stepped()  # its weights: checked by the next fault or check_weights()
         environment.on_optimizer_step()
         after = None
         if method.needs_losses_after:
@@ -420,7 +446,13 @@ class Step:
         return result
 
     def end_epoch(self) -> None:
-        """The end of a training epoch: the method's ``on_epoch_end``."""
+        """The end of a training epoch: the weights stepped are checked (finite), then the
+        method's ``on_epoch_end``.
+
+        Raises:
+            NonFiniteError: if a step left a NaN or infinite weight.
+        """
+        self.environment.guard.check_weights()
         self.method.on_epoch_end(self.epoch)
         self.epoch += 1
 

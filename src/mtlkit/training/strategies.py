@@ -4,8 +4,10 @@ with which optimizer state).
 A strategy gets from the Trainer, once, a :class:`StrategyContext` (the model, the task names,
 an optimizer *factory*, the gradient mode) and then, per batch, the batch and a
 ``compute_losses(batch) -> ForwardResult`` closure that it may call as often as it needs (each
-call is one forward pass with the current weights). It does all backward and optimizer work itself
-and returns a :class:`StepReport`. A new strategy is one class: the Trainer does not change.
+call is one forward pass with the current weights; the Trainer's is a
+:class:`~mtlkit.training.forward.SubsetLosses`, which also computes a subset of the tasks). It does
+all backward and optimizer work itself and returns a :class:`StepReport`. A new strategy is one
+class: the Trainer does not change.
 
 ``Joint(method)`` is the averaged objective of Pascal et al. (2021) ("SUS") when the method is EW:
 one forward, one combined backward, one optimizer step per batch.
@@ -27,9 +29,10 @@ from mtlkit.errors import ConfigError
 from mtlkit.methods import EW, Method
 from mtlkit.parallel.ddp import Reducer
 from mtlkit.registry import Registry
-from mtlkit.training.forward import ComputeLosses
+from mtlkit.training.forward import ComputeLosses, restrict
 from mtlkit.training.groups import GroupSchedule, GroupSpec, RandomGroups, Resample
 from mtlkit.training.nonfinite import NonFiniteGuard
+from mtlkit.training.route_choice import AutoRoute
 from mtlkit.training.step import StepEnvironment, method_step
 from mtlkit.training.step import check_method as check_step
 
@@ -47,8 +50,6 @@ class MultiTaskModel(Protocol):
     def parameters(self) -> Iterator[nn.Parameter]: ...
 
 
-
-
 @dataclass
 class StrategyContext:
     """What the Trainer hands a strategy once, before training.
@@ -61,7 +62,10 @@ class StrategyContext:
         rep_grad: differentiate w.r.t. the shared representation (features route).
         route: route of gradient aggregators: a Jacobian route (see :func:`mtlkit.jacobian`) or
             ``"gramian"`` (the layer-wise Gramian of :mod:`mtlkit.engine.layer_capture`, for Gramian
-            weightings on the parameter route; the context then holds its ``capture``).
+            weightings on the parameter route; the context then holds its ``capture``). ``"auto"``
+            measures the loop and the Gramian route for a Gramian weighting on the first steps
+            and keeps the faster (:mod:`mtlkit.training.route_choice`; in one process without
+            loss scaling or accumulation); other methods take the loop.
         device: where the model lives; methods are moved there.
         on_optimizer_step: to call right after every optimizer step (the Trainer measures the
             path travelled by the shared parameters with it).
@@ -97,9 +101,12 @@ class StrategyContext:
     environment: StepEnvironment = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        capture = None
+        capture, auto = None, None
         if self.route == "gramian" and not self.rep_grad:
             capture = LayerCapture(self.model, shared=self.model.shared_parameters(), verify=True)
+        single = self.reducer is None or self.reducer.passthrough  # one process, no loss scale
+        if self.route == "auto" and not self.rep_grad and single and self.accumulate == 1:
+            auto = AutoRoute(self.model, list(self.model.shared_parameters()), self.device)
         self.environment = StepEnvironment(
             rep_grad=self.rep_grad,
             route=self.route,
@@ -110,6 +117,7 @@ class StrategyContext:
             optimizer_step=self.optimizer_step,
             on_optimizer_step=self.on_optimizer_step,
             capture=capture,
+            auto=auto,
         )
 
     @property
@@ -121,6 +129,11 @@ class StrategyContext:
     def capture(self) -> LayerCapture | None:
         """The layer capture of the Gramian route, if it is the route."""
         return self.environment.capture
+
+    @property
+    def auto_route(self) -> AutoRoute | None:
+        """The measurement of ``route="auto"`` (its choice and timings), if it applies."""
+        return self.environment.auto
 
 
 def _no_batches(count: int) -> list[Any]:
@@ -140,7 +153,8 @@ class StepReport:
     """What a strategy did with one batch.
 
     Attributes:
-        losses: each task's loss at the first forward pass of the batch.
+        losses: each task's loss on the batch before the step that trains it (``Joint``: the
+            batch's forward pass; ``Alternating``: its group's).
         weights: each task's weight as the method decided (absent for weightless aggregators).
         steps: optimizer steps taken.
         backwards: backward passes through the shared part of the model (a gradient aggregator
@@ -280,6 +294,10 @@ class Alternating(Strategy):
     with the current weights (so every step sees the previous steps' updates), the backward of
     that group's loss only (the sum of its tasks' losses, or ``method``'s combination of them),
     and an optimizer step. With ``G`` groups the shared parameters take ``G`` steps per batch.
+    When ``compute_losses`` is a :class:`~mtlkit.training.forward.SubsetLosses` (the Trainer's
+    is), a group's forward pass computes only that group's losses (and, for a one-task group
+    of a model whose ``forward`` takes ``task=``, only its head); the report gives each task's
+    loss from its own group's forward pass, before that group's step.
 
     * ``optimizers="shared"``: one optimizer state for everything (the paper's "IUS").
     * ``optimizers="per_group"``: one optimizer state per group, over the shared parameters and
@@ -415,17 +433,18 @@ class Alternating(Strategy):
                 self.group_methods[g],
                 self.optimizers[0 if self.optimizer_mode == "shared" else g],
                 batch,
-                compute_losses,
+                restrict(compute_losses, group),  # the group's heads and losses only
                 tasks=group,
                 shared=self.shared,
                 parameters=self._step_parameters(group),
                 index=step + offset,
                 environment=context.environment,
             )
-            report_losses = report_losses or done.losses
+            report_losses.update({t: done.losses[t] for t in group})
             weights.update(done.weights)
             backwards += done.backwards
-        return StepReport(report_losses, weights, steps=len(groups), backwards=backwards)
+        losses = {t: report_losses[t] for t in context.tasks}  # in task order
+        return StepReport(losses, weights, steps=len(groups), backwards=backwards)
 
     def on_epoch_end(self, epoch: int) -> None:
         super().on_epoch_end(epoch)

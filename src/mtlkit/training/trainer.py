@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice per epoch
 
 from mtlkit.data.multi_input import MultiInputLoader
@@ -47,12 +47,13 @@ from mtlkit.training.checkpoint import (
 from mtlkit.training.devices import model_hook, peak_memory_mb, resolve_device, to_device
 from mtlkit.training.diagnostics import ExplorationTracker, exploration_parameters
 from mtlkit.training.evaluation import Results, Selection, evaluate_model, flatten_results
-from mtlkit.training.forward import ForwardResult
+from mtlkit.training.forward import SubsetLosses
 from mtlkit.training.logs import CsvLog, require_tensorboard, with_tensorboard, write_json_atomic
+from mtlkit.training.model_forward import ModelForward
 from mtlkit.training.nonfinite import check_policy
 from mtlkit.training.optim import OptimizerFactory
 from mtlkit.training.optim import optimizer as default_optimizer
-from mtlkit.training.preflight import check_training
+from mtlkit.training.preflight import check_training, dry_forward
 from mtlkit.training.signals import StopOnSignal, TrainingInterrupted
 from mtlkit.training.strategies import Joint, Strategy, StrategyContext
 from mtlkit.training.trainer_state import (
@@ -75,15 +76,22 @@ class Trainer:
             Optional hooks, called when the model defines them: ``auxiliary_losses() ->
             {task: scalar}`` after each training forward (added to those tasks' losses, e.g.
             DSelect-k's gate regulariser), ``on_train_step(step)`` after each optimizer step,
-            ``on_epoch_end(epoch)`` after each epoch.
+            ``on_epoch_end(epoch)`` after each epoch. A single-input model whose ``forward``
+            takes ``task`` must give ``forward(x)[t]`` for ``forward(x, task=t)`` (checked by
+            the pre-flight dry forward; :attr:`task_forward`): Alternating's one-task group
+            steps then compute that task's head only.
         tasks: the tasks, in order.
         strategy: the update strategy (``Joint(EW())`` by default).
         optimizer: a factory ``params -> (optimizer, scheduler or None)`` (Adam, lr 1e-3).
         budget: when to stop (10 epochs by default).
         device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:1"``, ...
         rep_grad: gradient aggregators differentiate w.r.t. the shared representation.
-        route: Jacobian route (see :func:`mtlkit.jacobian`), or ``"gramian"``: the layer-wise
-            Gramian (:mod:`mtlkit.engine.layer_capture`) for Gramian weightings.
+        route: ``"auto"`` (default): for a Gramian weighting on the parameter route, the loop
+            and the layer-wise Gramian are timed on the first steps and the faster is kept
+            (:mod:`mtlkit.training.route_choice`; the choice and timings are in
+            ``summary.json`` under ``route``), otherwise the loop Jacobian; or a fixed route:
+            ``"loop"``, ``"batched"`` (see :func:`mtlkit.jacobian`) or ``"gramian"`` (the
+            layer-wise Gramian of :mod:`mtlkit.engine.layer_capture`, for Gramian weightings).
         select: model selection on the validation split: ``"loss"`` (lowest summed validation
             loss) or ``"task/metric"`` (e.g. ``"left/acc"``), or ``"last"``.
         seed: seeds torch's global RNG at the start of ``fit`` (dropout, initial draws).
@@ -187,6 +195,11 @@ class Trainer:
         self._setup_done = False
         self.on_nonfinite = check_policy(on_nonfinite)
         self._validated = False
+        self._checked_batch = False  # the dry forward on the first training batch is done
+        self._forward = ModelForward(
+            self.model, self.tasks, self.parallel, rep_grad=rep_grad, on_pass=self._count_pass
+        )
+        self._losses = SubsetLosses(self._forward)
 
     # ------------------------------------------------------------------ training
     def fit(
@@ -274,11 +287,14 @@ class Trainer:
         self.parallel.attach(self.model, self.strategy.methods())  # DDP: rank 0's start
         self._setup_done = True
 
-    def validate(self, train: Iterable[Any]) -> None:
+    def validate(self, train: Iterable[Any], sample: Any = None) -> None:
         """Check the run before its first step and set up the strategy (``fit`` calls it; the
         CLI calls it before writing the run's files): the loader and the model take the same
-        kind of input, every method can run on its number of tasks, and one dry forward pass on
-        the first batch gives every task an output its loss accepts (:mod:`mtlkit.app.validation`).
+        kind of input, every method can run on its number of tasks, and, on ``sample`` (a batch
+        of the training batches' form, e.g. :func:`~mtlkit.training.preflight.sample_batch` of
+        the validation loader), one dry forward pass gives every task an output its loss
+        accepts. ``train`` is not iterated: ``fit`` runs the dry forward again on the first
+        batch it draws, before that batch's step (:mod:`mtlkit.training.preflight`).
 
         Raises:
             ConfigError: naming what does not fit.
@@ -293,7 +309,7 @@ class Trainer:
             raise ConfigError(
                 f"{self.strategy!r} cannot be set up for the tasks {self.task_names}: {error}"
             ) from error
-        check_training(self, self._as_loader(train))
+        check_training(self, self._as_loader(train), sample)
         self._validated = True
 
     def _train_epoch(
@@ -326,8 +342,11 @@ class Trainer:
         for batch in bar:
             index = position.consumed
             batch = to_device(batch, self.device)
+            if not self._checked_batch:  # the pre-flight dry forward, on the real first batch
+                self._forward.task_forward = dry_forward(self, batch)
+                self._checked_batch = True
             try:
-                report = self.strategy.step(batch, self._compute_losses, self.progress.steps)
+                report = self.strategy.step(batch, self._losses, self.progress.steps)
             except (NonFiniteError, SolverError) as error:
                 raise type(error)(
                     f"{error} (task order {self.task_names}) at epoch {self.progress.epoch}, "
@@ -365,6 +384,7 @@ class Trainer:
         """Epoch hooks, validation, model selection, the metrics row."""
         epoch = self._epoch
         assert epoch is not None
+        self._check_weights()
         self.strategy.on_epoch_end(self.progress.epoch)
         model_hook(self.model, "on_epoch_end", self.progress.epoch)
         batches = max(1, epoch.batches)
@@ -408,6 +428,7 @@ class Trainer:
         (:func:`~mtlkit.training.trainer_state.trainer_state`)."""
         if self.out_dir is None:
             raise MtlkitError("save_checkpoint needs out_dir")
+        self._check_weights()  # a checkpoint never holds a NaN/inf weight
         for log in (logs or {}).values():
             log.flush()
         path = self.out_dir / CHECKPOINT_NAME
@@ -419,48 +440,44 @@ class Trainer:
         """What binds a checkpoint to this run (:func:`.trainer_state.run_binding`)."""
         return run_binding(self)
 
+    def _check_weights(self) -> None:
+        """The guard's check of the weights stepped since its last check
+        (:meth:`~mtlkit.training.nonfinite.NonFiniteGuard.check_weights`)."""
+        guard = self._guard()
+        if guard is None:
+            return
+        try:
+            guard.check_weights()
+        except NonFiniteError as error:
+            raise NonFiniteError(
+                f"{error} (found at epoch {self.progress.epoch}, after step {self.progress.steps})"
+            ) from error
+
+    def route_choice(self) -> dict[str, Any]:
+        """The route asked for and, for ``route="auto"``, what the measurement of the first
+        steps chose, why, and its timings (:mod:`mtlkit.training.route_choice`; ``measured``
+        is ``None`` where it does not apply: no Gramian weighting, DDP, accumulation, ...)."""
+        auto = self._auto_route()
+        used = auto is not None and (auto.position > 0 or auto.choice is not None)
+        measured = auto.summary() if used else None
+        return {"requested": self.route, "measured": measured}
+
+    def _auto_route(self) -> Any:
+        context = getattr(self.strategy, "context", None)
+        return getattr(getattr(context, "environment", None), "auto", None)
+
     def _guard(self) -> Any:
         """The strategy's ``on_nonfinite`` guard (its counters), once set up."""
         return getattr(self.strategy, "guard", None)
 
-    def _compute_losses(self, batch: Any) -> ForwardResult:
-        """One forward pass: the loss of every task (and the features for ``rep_grad``)."""
-        self.progress.passes += 1
-        losses: dict[str, Tensor] = {}
-        if self.multi_input:
-            features = []
-            for t in self.task_names:
-                inputs, target = batch[t]
-                outputs, z = self._forward(inputs, task=t)
-                losses[t] = self.by_name[t].loss(outputs[t], target)
-                features.append(z)
-            result = ForwardResult(self._add_auxiliary(losses), features if self.rep_grad else None)
-            return self.parallel.prepare(result)  # AMP: loss-scaled; DDP: global values
-        inputs, targets = batch
-        outputs, z = self._forward(inputs)
-        missing = [t for t in self.task_names if t not in outputs or t not in targets]
-        if missing:
-            raise MtlkitError(
-                f"task(s) {missing} missing from the model outputs {sorted(outputs)} "
-                f"or the targets {sorted(targets)}"
-            )
-        for t in self.task_names:
-            losses[t] = self.by_name[t].loss(outputs[t], targets[t])
-        return self.parallel.prepare(ForwardResult(self._add_auxiliary(losses), z))
+    @property
+    def task_forward(self) -> bool:
+        """Whether one-task steps call the model as ``forward(x, task=t)`` (that head only):
+        decided by the pre-flight dry forward on the first batch (:mod:`.model_forward`)."""
+        return self._forward.task_forward
 
-    def _add_auxiliary(self, losses: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Add the model's per-task auxiliary terms (``model.auxiliary_losses()``, e.g.
-        DSelect-k's gate entropy regulariser) to the task losses, so that they are optimised."""
-        extra = model_hook(self.model, "auxiliary_losses")
-        if not extra:
-            return losses
-        unknown = sorted(set(extra) - set(losses))
-        if unknown:
-            raise MtlkitError(
-                f"{type(self.model).__name__}.auxiliary_losses() names unknown task(s) {unknown}; "
-                f"tasks: {self.task_names}"
-            )
-        return {t: loss + extra[t] if t in extra else loss for t, loss in losses.items()}
+    def _count_pass(self) -> None:
+        self.progress.passes += 1
 
     def _after_optimizer_step(self) -> None:
         """Called by the strategy after every optimizer step."""
@@ -468,17 +485,6 @@ class Trainer:
         if self.exploration is not None:
             self.exploration.on_step()
         model_hook(self.model, "on_train_step", self._optimizer_steps)
-
-    def _forward(
-        self, inputs: Any, task: str | None = None
-    ) -> tuple[dict[str, Tensor], Tensor | None]:
-        kwargs: dict[str, Any] = {} if task is None else {"task": task}
-        precision = self.parallel.precision
-        with precision.autocast():  # outputs back in float32 for the losses
-            if self.rep_grad:
-                outputs, z = self.model(inputs, return_features=True, **kwargs)
-                return precision.outputs(outputs), z
-            return precision.outputs(self.model(inputs, **kwargs)), None
 
     def _budget_spent(self, within_epoch: bool = False) -> bool:
         p = self.progress
@@ -541,6 +547,7 @@ class Trainer:
             "tasks": self.task_names,
             "strategy": repr(self.strategy),
             "nonfinite": None if self._guard() is None else self._guard().counts(),
+            "route": self.route_choice(),
             "results": self.results,
             "best_epoch": self.best_epoch,
             "selection": self.select,

@@ -98,6 +98,7 @@ def trainer_state(trainer: Any, position: LoaderPosition, log_rows: dict[str, in
         "log_rows": dict(log_rows),
         "precision": trainer.parallel.state_dict(),
         "run": run_binding(trainer),
+        "route": None if trainer._auto_route() is None else trainer._auto_route().state_dict(),
     }
 
 
@@ -196,4 +197,7 @@ def restore_trainer(trainer: Any, path: Path) -> tuple[LoaderPosition, dict[str,
     restore("extra_batches", lambda: extra.load_state_dict(state["extra_batches"]))
     restore("rng", lambda: torch.set_rng_state(state["rng"]))
     restore("precision", lambda: trainer.parallel.load_state_dict(state["precision"]))
+    auto = trainer._auto_route()
+    if auto is not None and state.get("route") is not None:  # absent before route="auto" measured
+        restore("route", lambda: auto.load_state_dict(state["route"]))
     return position, dict(state["log_rows"])
