@@ -72,6 +72,7 @@ from mtlkit.engine.contract import Decision
 from mtlkit.engine.precision import LossScaler, Precision
 from mtlkit.errors import MtlkitError
 from mtlkit.methods.base import GradientAggregator, GramianWeighting, Method
+from mtlkit.methods.float64_gramian import Float64GramianWeighting
 
 __all__ = [
     "Parallel",
@@ -163,9 +164,10 @@ class _GlobalValue(torch.autograd.Function):
 
 def _gramian_only(method: GradientAggregator) -> bool:
     """Whether the method's direction is ``decide(J Jᵀ).weights @ J`` (the base GramianWeighting
-    ``aggregate``, not overridden: GradNorm's and PCD's measure the gradients themselves)."""
+    ``aggregate`` or its float64 form, not overridden otherwise: GradNorm's and PCD's measure the
+    gradients themselves)."""
     return isinstance(method, GramianWeighting) and (
-        type(method).aggregate is GramianWeighting.aggregate
+        type(method).aggregate in (GramianWeighting.aggregate, Float64GramianWeighting.aggregate)
     )
 
 
@@ -329,11 +331,13 @@ class Reducer:
         work = jac.to(torch.promote_types(jac.dtype, torch.float32))
         if _gramian_only(method):
             local = work * (self._unscale() / self.world)  # unscaled first: J Jᵀ squares S
+            if isinstance(method, Float64GramianWeighting):  # UPGrad, MGDA: a float64 Gramian
+                local = local.double()
             gram = self._all_reduce(local @ local.T, "gramian")
             if self._overflow(gram):
                 return Decision(direction=torch.full_like(jac[0], float("nan")))
             decision = method.decide(gram, losses)
-            weights = decision.weights.to(work.dtype)
+            weights = decision.weights.to(work.dtype)  # the direction in the work dtype
             # w @ (J_r / N) is this process's slice of the direction; the backward through the
             # local encoder is averaged over N processes and carries the loss scale: N S w @ J_r.
             return replace(decision, weights=weights, direction=(weights @ work).to(jac.dtype))
