@@ -157,12 +157,16 @@ def method_backward(
     kind = "loss" if method is None else getattr(method, "kind", None)
     if kind == "loss":
         if method is None:
-            weights = torch.ones_like(stacked).detach()
-            total = stacked.sum()
+            weights, extra = torch.ones_like(stacked).detach(), None
         else:
             weighted = method(stacked)
-            weights, total = weighted.weights, weighted.total(stacked)
-        total.backward(retain_graph=retain_graph)
+            weights, extra = weighted.weights, weighted.extra
+        if weights.requires_grad:  # learnable weights: differentiate through them
+            weighted.total(stacked).backward(retain_graph=retain_graph)
+        else:  # Σ_i w_i L_i: each loss seeded with its weight, no stack/mul/sum in the graph
+            roots = [*scalars, *([] if extra is None else [extra])]
+            seeds = [*weights.to(stacked.dtype).unbind(), *([] if extra is None else [None])]
+            torch.autograd.backward(roots, grad_tensors=seeds, retain_graph=retain_graph)
         return Decision(weights=weights.detach())
     if kind != "gradient":
         raise TypeError(f"method must be a LossWeighting or a GradientAggregator, got {method!r}")

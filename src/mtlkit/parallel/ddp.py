@@ -580,11 +580,14 @@ class Parallel:
         """Synchronise the gradients (DDP), unscale and check them (loss scaler), then step, or
         skip the step on every process on inf/NaN; broadcast the buffers. Returns whether the
         optimizer stepped."""
+        scaler = self.precision.scaler
+        if self.reducer is None and scaler is None:  # one process in float32/bf16: the step
+            optimizer.step()
+            return True
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.reducer is not None:
             self.reducer.sync_gradients(params)
         stepped = True
-        scaler = self.precision.scaler
         if scaler is not None:
             model_ids = self._model_ids
             if model_ids is None:

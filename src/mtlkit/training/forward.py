@@ -4,7 +4,7 @@ shared representation."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,6 +20,9 @@ class ForwardResult:
 
     losses: dict[str, Tensor]
     features: Tensor | list[Tensor] | None = None
+    _floats: tuple[dict[str, Tensor], dict[str, float]] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def loss_list(self, tasks: Sequence[str]) -> list[Tensor]:
         return [self.losses[t] for t in tasks]
@@ -29,11 +32,17 @@ class ForwardResult:
 
     def floats(self) -> dict[str, float]:
         """Each task's loss as a float (one stack and one read when they are scalars of one
-        dtype, the usual case)."""
+        dtype, the usual case); read once per ``losses`` dict (the guard's check and the step's
+        report share it)."""
+        if self._floats is not None and self._floats[0] is self.losses:
+            return self._floats[1]
         losses = list(self.losses.values())
         if losses and all(v.dim() == 0 and v.dtype == losses[0].dtype for v in losses):
-            return dict(zip(self.losses, torch.stack(losses).detach().tolist()))
-        return {t: float(v.detach()) for t, v in self.losses.items()}
+            values = dict(zip(self.losses, torch.stack(losses).detach().tolist()))
+        else:
+            values = {t: float(v.detach().float().sum()) for t, v in self.losses.items()}
+        self._floats = (self.losses, values)
+        return values
 
 
 ComputeLosses = Callable[[Any], ForwardResult]

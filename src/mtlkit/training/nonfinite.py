@@ -142,6 +142,15 @@ def first_nonfinite(tensors: Iterable[Tensor | None]) -> Tensor | None:
     return None  # pragma: no cover - only an overflow of finite values gets here
 
 
+def _first_nonfinite_grad(params: Sequence[Tensor]) -> Tensor | None:
+    """:func:`first_nonfinite` of the parameters' gradients (the per-step check: a list, no
+    generator or copies)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or math.isfinite(float(torch.stack(torch._foreach_norm(grads)).sum())):
+        return None
+    return first_nonfinite(grads)
+
+
 class _Fault(Exception):
     """Internal: this step must be skipped (the reason is the message)."""
 
@@ -240,7 +249,7 @@ class NonFiniteGuard:
                 guarded update checked it).
         """
         if self._skip is None and not self._checked and not _scaled(context):
-            bad = first_nonfinite(p.grad for p in self._params)
+            bad = _first_nonfinite_grad(self._params)
             if bad is not None:
                 self.check_weights()
                 self.nonfinite_gradients += 1
@@ -358,7 +367,7 @@ class NonFiniteGuard:
         if _scaled(context):
             return outcome
         self._checked = True
-        bad = first_nonfinite(p.grad for p in self._params)
+        bad = _first_nonfinite_grad(self._params)
         if bad is not None:
             self._clear(context)
             value = float(bad[~torch.isfinite(bad)].flatten()[0])
@@ -434,6 +443,9 @@ class NonFiniteGuard:
 
     # -------------------------------------------------------------------------- helpers
     def _remember(self, result: Any, tasks: Sequence[str]) -> None:
+        """Keep each task's last finite loss, the stand-in of ``skip_task``."""
+        if self.policy != "skip_task":
+            return
         for t in tasks:
             self._stand_ins[t] = result.losses[t].detach()
 
@@ -473,12 +485,8 @@ def _scaled(context: Any) -> bool:
 
 def _nonfinite_losses(result: Any, tasks: Sequence[str]) -> list[str]:
     """The tasks whose loss in ``result`` is NaN or infinite (one synchronisation)."""
-    losses = [result.losses[t] for t in tasks]
-    if all(loss.dim() == 0 and loss.dtype == losses[0].dtype for loss in losses):
-        values = torch.stack(losses).detach()  # the usual case: one stack
-    else:
-        values = torch.stack([loss.detach().float().sum() for loss in losses])
-    return [t for t, value in zip(tasks, values.tolist()) if not math.isfinite(value)]
+    values = result.floats()  # one read, shared with the step's report
+    return [t for t in tasks if not math.isfinite(values[t])]
 
 
 def _explain(reason: str, culprits: Sequence[str], tasks: Sequence[str]) -> str:

@@ -394,6 +394,7 @@ class Alternating(Strategy):
         heads = {t: list(model.task_parameters(t)) for t in context.tasks}
         _check_coverage(model, self.shared, heads)
         self.heads = heads
+        self._group_parameters: dict[tuple[str, ...], list[nn.Parameter]] = {}
         decay_scale = 1.0 / len(groups) if self.shared_decay == "per_batch" else 1.0
         if self.optimizer_mode == "shared":
             rest = [p for t in context.tasks for p in heads[t]]
@@ -452,10 +453,15 @@ class Alternating(Strategy):
             self._reset_group_methods()
 
     def _step_parameters(self, group: Sequence[str]) -> list[nn.Parameter]:
-        """The parameters a step of ``group`` updates: the shared ones and the group's heads."""
-        return self.shared + [p for t in group for p in self.heads[t]]
+        """The parameters a step of ``group`` updates: the shared ones and the group's heads
+        (one list per group, kept while the groups stay)."""
+        key = tuple(group)
+        if key not in self._group_parameters:
+            self._group_parameters[key] = self.shared + [p for t in group for p in self.heads[t]]
+        return self._group_parameters[key]
 
     def _reset_group_methods(self) -> None:
+        self._group_parameters.clear()  # new groups
         for method, group in zip(self.group_methods, self.schedule.groups):
             method.reset()
             method.setup(len(group))
