@@ -26,18 +26,16 @@ DistributedDataParallel). What that takes depends on the method:
   ``loop``, ``batched``) and the features route (``rep_grad``) are the ones that work. bf16
   autocast in one process (nothing to reduce or unscale) does run on it.
 
-Why not ``nn.parallel.DistributedDataParallel``: its bucketed all-reduce averages whatever lands
-in ``.grad``, i.e. each process's *already aggregated* direction; for a non-linear aggregator the
-mean of the local directions is not the direction of the global Jacobian (MGDA of an average is
-not the average of MGDAs). Here plain collectives move exactly what the method needs, and the
-parameters that already hold the global direction are skipped by the gradient all-reduce.
+Why not ``nn.parallel.DistributedDataParallel``: it all-reduces each process's *already
+aggregated* direction; for a non-linear aggregator the mean of local directions is not the
+global Jacobian's (MGDA of an average is not the average of MGDAs). Plain collectives move just
+what the method needs; parameters holding the global direction skip the gradient all-reduce.
 
 **Buffers** (BatchNorm running statistics): each process normalises with its own shard's
 statistics, as under DDP without SyncBatchNorm, and the buffers are broadcast from rank 0 after
-every optimizer step (DDP broadcasts them before each forward), so all processes evaluate and
-checkpoint the same model. For exact batch statistics across processes convert the model with
-``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` (CUDA); a model with BatchNorm then still
-differs from a single process in nothing but floating-point order.
+every optimizer step (DDP: before each forward), so all processes evaluate and checkpoint the
+same model. Exact batch statistics across processes (equal to one process's up to rounding):
+``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` (CUDA).
 
 **Data**: :func:`shard_loader` gives each process a contiguous, equal part of every global
 batch (the last batch is padded with its own first samples if its size is not a multiple of
