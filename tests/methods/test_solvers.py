@@ -322,6 +322,20 @@ def test_fair_weights_minimise_the_convex_objective(alpha: float) -> None:
     np.testing.assert_allclose(fair_weights(gramian, alpha).weights, reference, rtol=1e-6)
 
 
+def test_fair_weights_retry_a_stalled_warm_start_cold() -> None:
+    """Issue 19, case 3: a Nash-MTL solve on the 2-D toy (float64, from (0, 0)), warm-started
+    from the previous step's solution: the line search stalled after 7 iterations with a
+    residual of 1.1e3, well below the cap of 20 (the warning said 'raise the iteration cap').
+    The cold start solves it at once (within rounding: the weights are ~1e7)."""
+    gramian = np.array([[0.010001649114227056, -0.1000082452310417], [-0.1000082452310417, 1.0]])
+    warm = np.array([5396305.100197763, 539675.002403254])
+    solve = fair_weights(gramian, start=warm)
+    assert solve.converged and solve.reason == "converged" and solve.residual < 1e-4
+    np.testing.assert_allclose(solve.weights, fair_weights(gramian).weights, rtol=1e-6)
+    capped = fair_weights(gramian, start=warm, max_iter=1)
+    assert capped.converged  # the cold retry needs no iteration
+
+
 def test_fair_weights_warm_start_zero_rows_and_cap() -> None:
     gramian = normalized_gramian(random_jacobian(3, 6, 10))
     cold = fair_weights(gramian)

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.methods import METHODS, Method
+from mtlkit.training.diagnostics import status_label
 from mtlkit.training.step import Step
 
 STARTS: tuple[tuple[float, float], ...] = (
@@ -140,6 +141,9 @@ class ToyRun:
         distance: Euclidean distance of the end point to the Pareto set.
         seconds: wall time of the steps.
         warnings: warning message -> how many times it was issued.
+        solver: how the method's solver ended -> in how many steps (``"newton: converged"``,
+            ``"newton: Pareto-stationary: no solution, zero weights"``; empty for a method
+            without solver status).
         error: ``"Type: message"`` if the method could not be built or failed.
     """
 
@@ -151,6 +155,7 @@ class ToyRun:
     distance: float | None = None
     seconds: float = 0.0
     warnings: dict[str, int] = field(default_factory=dict)
+    solver: dict[str, int] = field(default_factory=dict)
     error: str | None = None
 
     @property
@@ -222,6 +227,7 @@ def run_method(
     run = ToyRun(method=label, start=(float(start[0]), float(start[1])))
     every = record_every or max(1, steps // 2000)
     counts: Counter[str] = Counter()
+    statuses: Counter[str] = Counter()
     x = torch.tensor(run.start, dtype=dtype, requires_grad=True)
     record = torch.empty(steps // every + 2, 2, dtype=torch.float64)
     record[0] = x.detach()
@@ -247,7 +253,9 @@ def run_method(
             )
             began = time.perf_counter()
             for step in range(steps):
-                driver(None)
+                status = driver(None).status
+                if status is not None:
+                    statuses[status_label(status)] += 1
                 run.steps = step + 1
                 if run.steps % every == 0:
                     record[recorded] = x.detach()
@@ -262,6 +270,7 @@ def run_method(
         recorded += 1
     run.trajectory = record[:recorded].numpy()
     run.warnings = dict(counts)
+    run.solver = dict(statuses)
     if run.error is None:
         with torch.no_grad():
             f1, f2 = toy_losses(x.detach().double(), scale)
@@ -309,6 +318,7 @@ COLUMNS = (
     "on_front",
     "steps_per_s",
     "warnings",
+    "solver",
     "error",
 )
 
@@ -331,6 +341,7 @@ def table_rows(runs: Sequence[ToyRun]) -> list[dict[str, str]]:
                 "on_front": "error" if run.error else ("yes" if run.on_front else "no"),
                 "steps_per_s": f"{run.steps_per_second:.0f}" if run.steps else "",
                 "warnings": "; ".join(f"{n} x {m}" for m, n in run.warnings.items()),
+                "solver": "; ".join(f"{n} x {m}" for m, n in sorted(run.solver.items())),
                 "error": run.error or "",
             }
         )
@@ -356,6 +367,7 @@ def summary_rows(runs: Sequence[ToyRun]) -> list[dict[str, str]]:
                     f"({r.start[0]:g}, {r.start[1]:g})" for r in group if not r.on_front
                 ),
                 "steps_per_s": "" if math.isnan(speed) else f"{speed:.0f}",
+                "warnings": str(sum(sum(r.warnings.values()) for r in group)),
                 "error": "; ".join(errors),
             }
         )

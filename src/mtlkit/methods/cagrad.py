@@ -184,12 +184,12 @@ class CAGrad(ReportsSolver, Float64GramianWeighting):
         solve = cagrad_solve(work, self.c, eps=float(torch.finfo(gramian.dtype).eps))
         message = ""
         if not solve.converged:
-            message = (
-                f"CAGrad's level search stopped after {solve.iterations} steps with the level "
-                f"bracket {solve.residual:.2e} wide (relative); using the solution at its lower "
-                "end (inside the ball)"
+            message = f"reached its cap of {solve.iterations} steps"
+            self.warn_once(
+                "level search",
+                f"CAGrad's level search {message} with the level bracket {solve.residual:.2e} "
+                "wide (relative); using the solution at its lower end (inside the ball)",
             )
-            self.warn_once("level search", message)
         divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
         weights = to_weights(solve.weights / divisor, gramian)
         status = SolverStatus(

@@ -8,9 +8,11 @@ import numpy as np
 from torch import Tensor
 
 from mtlkit.errors import NonFiniteError
+from mtlkit.methods.base import Decision
 from mtlkit.methods.float64_gramian import Float64GramianWeighting
 from mtlkit.methods.registry import METHODS
-from mtlkit.methods.solvers import dual_cone_weights, gramian_to_numpy, to_weights
+from mtlkit.methods.solver_report import ReportsSolver, SolverStatus
+from mtlkit.methods.solvers import dual_cone_solve, gramian_to_numpy, to_weights
 
 
 def _check_pref_vector(pref_vector: Sequence[float] | None) -> tuple[float, ...] | None:
@@ -22,7 +24,7 @@ def _check_pref_vector(pref_vector: Sequence[float] | None) -> tuple[float, ...]
     return values
 
 
-class _DualConeWeighting(Float64GramianWeighting):
+class _DualConeWeighting(ReportsSolver, Float64GramianWeighting):
     """What UPGrad and DualProj share: the preference vector and the regularisation; both solve
     from a float64 Gramian (:mod:`~mtlkit.methods.float64_gramian`)."""
 
@@ -52,11 +54,35 @@ class _DualConeWeighting(Float64GramianWeighting):
             work = work / work.diagonal().max()
         return work, pref
 
-    def _finish(self, values: np.ndarray, gramian: Tensor) -> Tensor:
+    def _targets(self, pref: np.ndarray) -> np.ndarray:
+        """The ``[k, m]`` vectors ``u`` whose projections ``v(u)`` are summed."""
+        raise NotImplementedError
+
+    def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
+        return self.decide(gramian, losses).weights
+
+    def decide(self, gramian: Tensor, losses: Tensor | None = None) -> Decision:
+        """``Σ_u v(u)`` over :meth:`_targets`, and the status of the projections (``"daqp"``;
+        the message counts those DAQP failed on, solved exactly by a fallback)."""
+        work, pref = self._prepare(gramian)
+        targets = self._targets(pref)
+        solve = dual_cone_solve(work, targets)
+        values = solve.weights.sum(axis=0)
         if not np.isfinite(values).all():  # pragma: no cover - the solvers raise first
             raise NonFiniteError(f"{type(self).__name__} computed non-finite weights")
-        weights = to_weights(values, gramian)
-        return weights
+        message = ""
+        if solve.fallbacks:
+            count = f"{solve.fallbacks} of {len(targets)} projections"
+            message = f"{count} by a fallback"
+            self.warn_once(
+                "fallback",
+                f"{type(self).__name__}: DAQP failed on {count} onto the dual cone "
+                f"({solve.error or 'nearly opposite active rows'}); solved exactly by the "
+                f"fallbacks (active-set QP: {solve.fallbacks - solve.nnls}, scipy's NNLS: "
+                f"{solve.nnls})",
+            )
+        status = SolverStatus("daqp", True, len(targets), 0.0, message)
+        return Decision(weights=to_weights(values, gramian), status=status)
 
 
 @METHODS.register("upgrad")
@@ -89,10 +115,8 @@ class UPGrad(_DualConeWeighting):
             unique but lets ``J d`` go slightly negative.
     """
 
-    def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        work, pref = self._prepare(gramian)
-        targets = np.diag(pref)
-        return self._finish(dual_cone_weights(work, targets).sum(axis=0), gramian)
+    def _targets(self, pref: np.ndarray) -> np.ndarray:
+        return np.diag(pref)
 
 
 @METHODS.register("dualproj")
@@ -112,6 +136,5 @@ class DualProj(_DualConeWeighting):
         reg_eps: as for :class:`UPGrad`.
     """
 
-    def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
-        work, pref = self._prepare(gramian)
-        return self._finish(dual_cone_weights(work, pref[None, :])[0], gramian)
+    def _targets(self, pref: np.ndarray) -> np.ndarray:
+        return pref[None, :]

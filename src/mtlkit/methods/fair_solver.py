@@ -15,14 +15,16 @@ from mtlkit.methods.solvers import hull_distance, stationary_distance
 @dataclass
 class FairSolve:
     """The result of :func:`fair_weights`: the weights, the largest residual
-    ``|w_i^{1/α} (G w)_i - 1|`` over the tasks solved for, the number of Newton iterations and
-    whether it converged."""
+    ``|w_i^{1/α} (G w)_i - 1|`` over the tasks solved for, the number of Newton iterations (of
+    both starts when the warm one was retried cold), whether it converged, whether the gradients
+    are Pareto-stationary (no solution), and why the iteration stopped."""
 
     weights: np.ndarray
     residual: float
     iterations: int
     converged: bool
     stationary: bool = False
+    reason: str = ""
 
 
 def _fair_terms(alpha: float, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -68,7 +70,11 @@ def fair_weights(
     Stops, converged, when the residual ``max_i |w_i^{1/α} (G w)_i - 1|`` is at most ``tol`` or
     within ten times its rounding error (``m · eps · w_i^{1/α} (|G| w)_i`` per task, which
     dominates near Pareto-stationarity, where ``w`` is large); otherwise after ``max_iter``
-    iterations or when ``f`` cannot decrease any more in float64, not converged.
+    iterations or when ``f`` cannot decrease any more in float64, not converged (``reason``
+    says which). A warm start that ends so is retried from the cold one and the better result
+    kept: along the 2-D toy's trajectory (float64, 35,000 steps from (0, 0)) 180 warm-started
+    solves stalled after 1-12 iterations with residuals up to 1e3, and the cold start solved
+    every one of them at once (its ray-scaled guess is within rounding there).
 
     Tasks with ``G_ii = 0`` (zero gradients) cannot satisfy their equation; they get ``w_i = 0``
     and the others are solved for. When the remaining gradients are Pareto-stationary (``0`` is in
@@ -88,11 +94,35 @@ def fair_weights(
     weights = np.zeros(m)
     active = np.flatnonzero(gramian.diagonal() > 1e-14)
     if active.size == 0:
-        return FairSolve(weights, 0.0, 0, False, stationary=True)
+        return FairSolve(weights, 0.0, 0, False, stationary=True, reason="all gradients zero")
     sub = gramian[np.ix_(active, active)]
-    guess = sub.diagonal() ** (-alpha / (alpha + 1.0))
+    cold = sub.diagonal() ** (-alpha / (alpha + 1.0))
+    warm = None
     if start is not None and start.shape == (m,) and (start[active] > 0).all():
-        guess = start[active].astype(np.float64)
+        warm = start[active].astype(np.float64)
+    w, residual, converged, iterations, reason = _newton(
+        sub, alpha, cold if warm is None else warm, max_iter, tol
+    )
+    if not converged and warm is not None:
+        # a warm start far from the solution (the previous step's, near a Pareto front) can
+        # stall the line search where the cold start solves at once: try it, keep the better
+        again = _newton(sub, alpha, cold, max_iter, tol)
+        iterations += again[3]
+        if (not again[2], again[1]) < (not converged, residual):  # converged, then smaller
+            w, residual, converged, _, reason = again
+    if residual > tol and hull_distance(sub) <= stationary_distance(eps):
+        return FairSolve(weights, math.inf, iterations, False, True, "Pareto-stationary")
+    weights[active] = w
+    return FairSolve(weights, residual, iterations, converged, reason=reason)
+
+
+def _newton(
+    sub: np.ndarray, alpha: float, guess: np.ndarray, max_iter: int, tol: float
+) -> tuple[np.ndarray, float, bool, int, str]:
+    """Damped Newton on ``f`` from ``guess`` rescaled on its ray: ``(w, residual, converged,
+    iterations, why it stopped)``; converged means the residual is at most ``tol`` or within
+    ten times its rounding error."""
+    m = sub.shape[0]
     w = _ray_scale(sub, alpha, guess)
     value = _fair_objective(sub, alpha, w)
     unit = np.finfo(np.float64).eps
@@ -105,8 +135,11 @@ def fair_weights(
         return float(residual.max()), bool((residual <= np.maximum(tol, rounding)).all())
 
     residual, within_rounding = residual_of(w)
-    iterations = 0
-    while residual > tol and not within_rounding and iterations < max_iter:
+    iterations, reason = 0, "converged"
+    while residual > tol and not within_rounding:
+        if iterations == max_iter:
+            reason = f"iteration cap ({max_iter}) reached"
+            break
         iterations += 1
         _, first, curvature = _fair_terms(alpha, w)
         gradient = sub @ w - first
@@ -117,7 +150,8 @@ def fair_weights(
         except np.linalg.LinAlgError:
             step = -np.linalg.lstsq(hessian, gradient, rcond=None)[0]
         decrement = float(-gradient @ step)
-        if not decrement > 1e-24 * m:  # f cannot improve at float64 precision
+        if not decrement > 1e-24 * m:
+            reason = "the Newton decrement is at float64 rounding"
             break
         shrinking = step < 0
         length = 1.0
@@ -130,16 +164,13 @@ def fair_weights(
                 length *= 0.5
                 candidate = w + length * step
                 candidate_value = _fair_objective(sub, alpha, candidate)
-            if length <= 1e-10:  # stalled at rounding level
+            if length <= 1e-10:
+                reason = "the line search stalled (f does not decrease in float64)"
                 break
         if not (math.isfinite(candidate_value) and np.isfinite(candidate).all()):
+            reason = "a non-finite Newton step"
             break
         w, value = candidate, candidate_value
         residual, within_rounding = residual_of(w)
-    converged = residual <= tol
-    if not converged:
-        if hull_distance(sub) <= stationary_distance(eps):
-            return FairSolve(weights, math.inf, iterations, False, stationary=True)
-        converged = within_rounding
-    weights[active] = w
-    return FairSolve(weights, residual, iterations, converged)
+    converged = residual <= tol or within_rounding
+    return w, residual, converged, iterations, "converged" if converged else reason

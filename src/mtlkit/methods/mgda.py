@@ -130,15 +130,18 @@ def _checked_solve(gramian: Tensor, tol: float, max_iter: int) -> MinNormSolve:
     return min_norm_solve(work, tol, max_iter, float(torch.finfo(gramian.dtype).eps))
 
 
+def _reason(solve: MinNormSolve, max_iter: int) -> str:
+    """Why a solve stopped above its tolerance, in a few stable words (a solver status)."""
+    if solve.iterations >= max_iter:
+        return f"reached max_iter={max_iter} major steps"
+    return "stopped at rounding level"
+
+
 def _not_converged(solve: MinNormSolve, max_iter: int) -> str:
-    reason = (
-        f"reached max_iter={max_iter} major steps"
-        if solve.iterations >= max_iter
-        else f"stopped at rounding level after {solve.iterations} major steps"
-    )
     return (
-        f"MGDA's min-norm solver {reason} with a KKT residual of {solve.residual:.2e} "
-        "(max_j (|d|² - g_j·d) / (|g_j| |d|))"
+        f"MGDA's min-norm solver {_reason(solve, max_iter)} after {solve.iterations} major "
+        f"steps with a KKT residual of {solve.residual:.2e} (max_j (|d|² - g_j·d) / "
+        "(|g_j| |d|))"
     )
 
 
@@ -249,9 +252,9 @@ class MGDA(ReportsSolver, Float64GramianWeighting):
         solve = _checked_solve(
             gramian / (scales[:, None] * scales[None, :]), self.tol, self.max_iter
         )
-        message = "" if solve.converged else _not_converged(solve, self.max_iter)
+        message = "" if solve.converged else _reason(solve, self.max_iter)
         if message:
-            self.warn_once("wolfe", message)
+            self.warn_once("wolfe", _not_converged(solve, self.max_iter))
         weights = torch.from_numpy(solve.weights).to(gramian) / scales
         status = SolverStatus("wolfe", solve.converged, solve.iterations, solve.residual, message)
         return Decision(weights=weights, status=status)

@@ -6,21 +6,23 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from mtlkit.methods.base import GramianWeighting
+from mtlkit.methods.base import Decision
 from mtlkit.methods.fair_solver import FairSolve, fair_weights
+from mtlkit.methods.float64_gramian import Float64GramianWeighting
 from mtlkit.methods.registry import METHODS
+from mtlkit.methods.solver_report import ReportsSolver, SolverStatus
 from mtlkit.methods.solvers import gramian_to_numpy, to_weights
 
 
-class _FairWeighting(GramianWeighting):
-    """Solve ``G w = w^(-1/α)`` on the normalised Gramian, map back, clip the direction's norm."""
+class _FairWeighting(ReportsSolver, Float64GramianWeighting):
+    """Solve ``G w = w^(-1/α)`` on the normalised (float64) Gramian, map back, clip the
+    direction's norm; the decision's status is the solve's (``"newton"``)."""
 
     def __init__(self, alpha: float, max_norm: float, max_iter: int) -> None:
         super().__init__()
@@ -38,32 +40,35 @@ class _FairWeighting(GramianWeighting):
 
     def _solve(
         self, gramian: np.ndarray, scale: float, start: np.ndarray | None, eps: float
-    ) -> np.ndarray:
-        """The solution for the Gramian ``scale · gramian`` (``gramian`` normalised), warning if
-        there is none or the solve did not converge."""
+    ) -> tuple[np.ndarray, SolverStatus]:
+        """The solution for the Gramian ``scale · gramian`` (``gramian`` normalised) and the
+        solve's status; the first solve of a run without solution, or that stops above its
+        tolerance, warns."""
         alpha = self._alpha
         factor = scale ** (-alpha / (alpha + 1.0))  # G = s Ĝ  =>  w = s^(-α/(α+1)) ŵ
         warm = None if start is None else start / factor
         solve = fair_weights(gramian, alpha, start=warm, max_iter=self._max_iter, eps=eps)
         self.last_solve = solve
         name = type(self).__name__
+        message = ""
         if solve.stationary:
-            warnings.warn(
+            message = "Pareto-stationary: no solution, zero weights"
+            self.warn_once(
+                "stationary",
                 f"{name}: the task gradients are Pareto-stationary (0 is in the convex hull of "
                 "the non-zero ones, or all are zero), so G w = w^(-1/alpha) has no positive "
                 "solution; using zero weights for this step",
-                RuntimeWarning,
-                stacklevel=3,
             )
         elif not solve.converged:
-            warnings.warn(
+            message = solve.reason
+            self.warn_once(
+                "not converged",
                 f"{name}: the Newton solve of G w = w^(-1/alpha) stopped after "
                 f"{solve.iterations} iterations with residual {solve.residual:.2e} "
-                f"(max |w_i^(1/alpha) (G w)_i - 1|); raise the iteration cap to go further",
-                RuntimeWarning,
-                stacklevel=3,
+                f"(max |w_i^(1/alpha) (G w)_i - 1|): {solve.reason}",
             )
-        return solve.weights * factor
+        status = SolverStatus("newton", solve.converged, solve.iterations, solve.residual, message)
+        return solve.weights * factor, status
 
     def _clip(self, values: np.ndarray, gramian: np.ndarray, scale: float) -> np.ndarray:
         """Scale ``values`` so that ``|Jᵀw| = sqrt(wᵀGw) ≤ max_norm`` (``0``: no clipping)."""
@@ -95,7 +100,9 @@ class NashMTL(_FairWeighting):
     Properties: the direction does not change when a task's gradient is multiplied by any
     positive factor (``α_i`` is divided by it); permuting the tasks permutes ``α``. Tasks with a
     zero gradient get ``α_i = 0`` and the others are solved for. When the gradients are
-    Pareto-stationary there is no solution: the weights are zero and a ``RuntimeWarning`` says so.
+    Pareto-stationary there is no solution: the weights are zero. Each decision's ``status``
+    says how its solve ended; the first solve of a run without solution or above its tolerance
+    warns (``RuntimeWarning``), later ones only set the status.
 
     Deviation: the paper's code clips the norm of the shared parameters' gradient only; here the
     weights are scaled (as in torchjd), so the task-specific parameters' gradient of
@@ -104,7 +111,7 @@ class NashMTL(_FairWeighting):
     Args:
         update_weights_every: recompute ``α`` every this many calls (paper: 1).
         optim_niter: cap on Newton iterations per solve (paper: 20 CCP rounds); a
-            ``RuntimeWarning`` reports a solve that stops before its tolerance.
+            solve that stops before its tolerance is reported in the status.
         max_norm: the bound on the direction's norm; ``0``: no clipping (paper: 1.0).
     """
 
@@ -140,16 +147,23 @@ class NashMTL(_FairWeighting):
         return None if self._solution is None else torch.from_numpy(self._solution.copy())
 
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
+        return self.decide(gramian, losses).weights
+
+    def decide(self, gramian: Tensor, losses: Tensor | None = None) -> Decision:
+        """The clipped weights; the status of this step's solve (``None`` on a step that
+        reuses the last solution, ``update_weights_every > 1``)."""
         work, scale = gramian_to_numpy(gramian, "NashMTL")
-        previous = self._solution
+        previous, status = self._solution, None
         if previous is not None and previous.shape != work.shape[:1]:
             previous = None  # another number of tasks: solve afresh
         if previous is None or self._step % self.update_weights_every == 0:
             start = previous if previous is not None and (previous > 0).all() else None
             eps = float(torch.finfo(gramian.dtype).eps)
-            previous = self._solution = self._solve(work, scale, start, eps)
+            previous, status = self._solve(work, scale, start, eps)
+            self._solution = previous
         self._step += 1
-        return self._output(self._clip(previous, work, scale), gramian)
+        weights = self._output(self._clip(previous, work, scale), gramian)
+        return Decision(weights=weights, status=status)
 
 
 @METHODS.register("fairgrad")
@@ -186,6 +200,11 @@ class FairGrad(_FairWeighting):
         self.max_iter = int(max_iter)
 
     def weights(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
+        return self.decide(gramian, losses).weights
+
+    def decide(self, gramian: Tensor, losses: Tensor | None = None) -> Decision:
         work, scale = gramian_to_numpy(gramian, "FairGrad")
-        values = self._solve(work, scale, None, float(torch.finfo(gramian.dtype).eps))
-        return self._output(self._clip(values, work, scale), gramian)
+        values, status = self._solve(work, scale, None, float(torch.finfo(gramian.dtype).eps))
+        return Decision(
+            weights=self._output(self._clip(values, work, scale), gramian), status=status
+        )

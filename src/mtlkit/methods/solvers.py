@@ -261,6 +261,18 @@ class PolyhedralProjector:
         return np.asarray(x, dtype=np.float64), multipliers
 
 
+@dataclass
+class DualConeSolve:
+    """The result of :func:`dual_cone_solve`: the weights (``[k, m]``), how many projections
+    DAQP failed on (solved by the exact active-set fallback), how many of those were redone by
+    NNLS, and the first solver error."""
+
+    weights: np.ndarray
+    fallbacks: int = 0
+    nnls: int = 0
+    error: str = ""
+
+
 def dual_cone_weights(gramian: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """For each row ``u`` of ``targets`` (``[k, m]``), ``v = argmin_{v ≥ u} vᵀGv``.
 
@@ -276,32 +288,45 @@ def dual_cone_weights(gramian: np.ndarray, targets: np.ndarray) -> np.ndarray:
     (always feasible) problem infeasible; measured on float32 Gramians with such rows, 0.7% of
     the solves (quadprog, also a dual method, fails as often). Such a solve is redone by
     Lawson-Hanson NNLS (``scipy.optimize.nnls``, a primal active-set method that handles them)
-    on the equivalent ``min_{z ≥ 0} |Lᵀz + Lᵀu|``, ``v = u + z``, with a ``RuntimeWarning``.
+    on the equivalent ``min_{z ≥ 0} |Lᵀz + Lᵀu|``, ``v = u + z`` (where the exact active-set
+    fallback of :class:`PolyhedralProjector` fails too), with a ``RuntimeWarning``;
+    :func:`dual_cone_solve` counts them instead.
 
     Args:
         gramian: ``[m, m]`` positive semi-definite (normalised: ``max G_ii = 1``).
         targets: ``[k, m]``.
     """
+    solve = dual_cone_solve(gramian, targets)
+    if solve.nnls:
+        warnings.warn(
+            f"{solve.error}; this projection onto the dual cone is always feasible, so it is "
+            "redone with scipy's NNLS (degenerate gradients)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return solve.weights
+
+
+def dual_cone_solve(gramian: np.ndarray, targets: np.ndarray) -> DualConeSolve:
+    """:func:`dual_cone_weights` without the warning: the fallbacks are counted."""
     factor = gramian_factor(gramian)
     projector = PolyhedralProjector(factor)
     lower = np.zeros(gramian.shape[0])
-    out = np.empty_like(targets, dtype=np.float64)
+    solve = DualConeSolve(np.empty_like(targets, dtype=np.float64))
     for row, target in enumerate(targets):
         if not target.any():
-            out[row] = target
+            solve.weights[row] = target
             continue
         try:
-            out[row] = target + projector(factor.T @ target, lower).multipliers
+            solve.weights[row] = target + projector(factor.T @ target, lower).multipliers
         except SolverError as error:
-            warnings.warn(
-                f"{error}; this projection onto the dual cone is always feasible, so it is "
-                "redone with scipy's NNLS (degenerate gradients)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            out[row] = target + _nnls(factor.T, -(factor.T @ target))
+            solve.error = solve.error or str(error)
+            solve.nnls += 1
+            solve.weights[row] = target + _nnls(factor.T, -(factor.T @ target))
+            solve.fallbacks += projector.fallbacks + 1
             projector = PolyhedralProjector(factor)  # a fresh workspace for the next targets
-    return out
+    solve.fallbacks += projector.fallbacks
+    return solve
 
 
 def _nnls(matrix: np.ndarray, target: np.ndarray) -> np.ndarray:

@@ -1,4 +1,6 @@
-"""Exploration of the shared parameters (Pascal et al., 2021, Sec. 5).
+"""Diagnostics of a run: the exploration of the shared parameters, the solvers' statuses.
+
+Exploration (Pascal et al., 2021, Sec. 5).
 
 Alternating independent task steps was found to "explore" the shared parameter space more
 widely than the averaged objective. Two measures, over the shared parameters with the task heads
@@ -6,14 +8,23 @@ and the normalisation layers excluded (as in the paper):
 
 * the path length, ``Σ_k |θ_{k+1} - θ_k|``, summed over every optimizer step;
 * the distance from the initialisation, ``|θ - θ_0|``.
+
+Solver statuses: each step of a solver-based method (MGDA, CAGrad, Nash-MTL, ...) says how its
+solve ended (:class:`~mtlkit.engine.contract.SolverStatus`); :func:`solver_row` makes them the
+``steps.csv`` cells, :func:`status_label` what the toy counts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+
+from mtlkit.engine.contract import SolverStatus
+from mtlkit.methods import Method
+from mtlkit.methods.solver_report import ReportsSolver
 
 NORM_LAYERS: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
@@ -79,3 +90,37 @@ class ExplorationTracker:
             return 0.0
         diffs = torch._foreach_sub([p.detach() for p in self.params], self.initial)
         return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(diffs)).double()))
+
+
+# --- solver statuses (steps.csv's solver/* columns, the toy's counts) ---------------------------
+
+SOLVER_COLUMNS = ("solver/converged", "solver/iterations", "solver/residual", "solver/message")
+"""The ``steps.csv`` columns (and TensorBoard scalars, but the message) of the solver statuses:
+``converged`` 1/0, ``iterations``, ``residual`` (relative, as the method defines it) and the
+short reason of a step whose solve did not converge."""
+
+
+def solver_columns(methods: Iterable[Method]) -> list[str]:
+    """:data:`SOLVER_COLUMNS` when one of ``methods`` reports a solver status per step (a
+    :class:`~mtlkit.methods.solver_report.ReportsSolver`), else none."""
+    return list(SOLVER_COLUMNS) if any(isinstance(m, ReportsSolver) for m in methods) else []
+
+
+def solver_row(statuses: Sequence[SolverStatus], columns: Sequence[str]) -> dict[str, Any]:
+    """The solver cells of one ``steps.csv`` row from the statuses of its method steps (several
+    with a group strategy): converged if all did, iterations summed, the largest residual, the
+    distinct messages; nothing where the log has no such columns or no step reported one."""
+    if not statuses or SOLVER_COLUMNS[0] not in columns:
+        return {}
+    messages = dict.fromkeys(s.message for s in statuses if s.message)
+    return {
+        "solver/converged": int(all(s.converged for s in statuses)),
+        "solver/iterations": sum(s.iterations for s in statuses),
+        "solver/residual": max(s.residual for s in statuses),
+        "solver/message": "; ".join(messages),
+    }
+
+
+def status_label(status: SolverStatus) -> str:
+    """``"newton: converged"`` or ``"newton: <why it stopped>"``: what counts group by."""
+    return f"{status.solver}: {'converged' if status.converged else status.message or 'stopped'}"

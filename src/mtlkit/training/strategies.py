@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from mtlkit.engine.backward import StepRoute
+from mtlkit.engine.contract import SolverStatus
 from mtlkit.engine.layer_capture import LayerCapture
 from mtlkit.errors import ConfigError
 from mtlkit.methods import EW, Method
@@ -160,12 +161,14 @@ class StepReport:
         backwards: backward passes through the shared part of the model (a gradient aggregator
             on the parameter route takes one per task; forward passes are counted by the
             Trainer, one per ``compute_losses`` call).
+        statuses: how the methods' solvers ended, one per method step that reported one.
     """
 
     losses: dict[str, float]
     weights: dict[str, float]
     steps: int
     backwards: int = 1
+    statuses: list[SolverStatus] = field(default_factory=list)
 
 
 class Strategy:
@@ -252,7 +255,8 @@ class Joint(Strategy):
             index=step,
             environment=context.environment,
         )
-        return StepReport(done.losses, done.weights, steps=1, backwards=done.backwards)
+        statuses = [] if done.status is None else [done.status]
+        return StepReport(done.losses, done.weights, 1, done.backwards, statuses)
 
     def methods(self) -> list[Method]:
         return [self.method]
@@ -427,7 +431,7 @@ class Alternating(Strategy):
             order = torch.randperm(len(groups), generator=self.order_generator).tolist()
         report_losses: dict[str, float] = {}
         weights: dict[str, float] = {}
-        backwards = 0
+        backwards, statuses = 0, []
         for offset, g in enumerate(order):
             group = groups[g]
             done = method_step(
@@ -444,8 +448,9 @@ class Alternating(Strategy):
             report_losses.update({t: done.losses[t] for t in group})
             weights.update(done.weights)
             backwards += done.backwards
+            statuses += [] if done.status is None else [done.status]
         losses = {t: report_losses[t] for t in context.tasks}  # in task order
-        return StepReport(losses, weights, steps=len(groups), backwards=backwards)
+        return StepReport(losses, weights, len(groups), backwards, statuses)
 
     def on_epoch_end(self, epoch: int) -> None:
         super().on_epoch_end(epoch)

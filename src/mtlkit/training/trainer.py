@@ -7,7 +7,8 @@ validation loss by default, as Pascal et al. do) is kept. There are no method-sp
 methods talk to the loop only through their hooks, via the strategy.
 
 Files written to ``out_dir`` (when given): ``metrics.csv`` (one row per epoch), ``steps.csv``
-(one row per optimizer-step report: losses and task weights), ``summary.json`` (config, results
+(one row per optimizer-step report: losses, task weights and, for a solver-based method, its
+solver's status ``solver/*``), ``summary.json`` (config, results
 per split, cost) and ``model.pt`` (the selected model, ``{"model": state_dict}``), both written
 atomically, and ``checkpoint.pt`` (everything a resume needs) every ``checkpoint_every`` batches
 and on SIGINT/SIGTERM.
@@ -45,7 +46,12 @@ from mtlkit.training.checkpoint import (
     save_checkpoint,
 )
 from mtlkit.training.devices import model_hook, peak_memory_mb, resolve_device, to_device
-from mtlkit.training.diagnostics import ExplorationTracker, exploration_parameters
+from mtlkit.training.diagnostics import (
+    ExplorationTracker,
+    exploration_parameters,
+    solver_columns,
+    solver_row,
+)
 from mtlkit.training.evaluation import Results, Selection, evaluate_model, flatten_results
 from mtlkit.training.forward import SubsetLosses
 from mtlkit.training.logs import CsvLog, require_tensorboard, with_tensorboard, write_json_atomic
@@ -364,6 +370,7 @@ class Trainer:
                 row = {"step": self.progress.steps, "epoch": self.progress.epoch}
                 row.update({f"loss/{t}": v for t, v in report.losses.items()})
                 row.update({f"weight/{t}": v for t, v in report.weights.items()})
+                row.update(solver_row(report.statuses, logs["steps"].columns))
                 logs["steps"].append(row)
             if self.progress_bar:
                 bar.set_postfix({t: f"{v:.3f}" for t, v in report.losses.items()}, refresh=False)
@@ -527,6 +534,7 @@ class Trainer:
         metric_cols += [f"val/{t.name}/{m}" for t in self.tasks for m in ["loss", *t.metrics]]
         step_cols = ["step", "epoch"] + [f"loss/{t}" for t in self.task_names]
         step_cols += [f"weight/{t}" for t in self.task_names]
+        step_cols += solver_columns(self.strategy.methods())
         keep = keep_rows or {}
         return {
             "metrics": CsvLog(
