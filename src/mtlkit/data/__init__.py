@@ -4,6 +4,8 @@
   one canvas; tasks ``left``, ``right`` and ``sum``).
 * :mod:`mtlkit.data.multi_input`: :class:`MultiInputLoader` and the embedded two-domain problem
   :func:`two_domain_digits`.
+* :mod:`mtlkit.data.tensors`: :class:`TensorTasks`, a data set of your own tensors
+  ``(x, {task: y})``, and :func:`split_dataset`, a seeded train/val/test split.
 * :mod:`mtlkit.data.attributes`: Attributes, a synthetic CelebA-like problem generated from
   seeds (40 correlated binary attributes of latent factors).
 
@@ -43,6 +45,7 @@ from mtlkit.data.multidigits import (
     sum_from_output,
     sum_loss,
 )
+from mtlkit.data.tensors import TensorTasks, split_dataset
 
 __all__ = [
     "SUM_MEAN",
@@ -58,6 +61,7 @@ __all__ = [
     "MultiDigitsConfig",
     "MultiInputLoader",
     "SumMeanAbsoluteError",
+    "TensorTasks",
     "attribute_features",
     "attribute_names",
     "attributes",
@@ -66,6 +70,7 @@ __all__ = [
     "load_uci_digits",
     "multidigits",
     "multidigits_tasks",
+    "split_dataset",
     "sum_from_output",
     "sum_loss",
     "two_domain_digits",
