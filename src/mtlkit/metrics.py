@@ -7,8 +7,8 @@ the metric over their concatenation. Each declares whether higher is better, whi
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import ClassVar, Literal
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -90,6 +90,63 @@ class MeanSquaredError(Metric):
         _check_same_shape(output, target, "MeanSquaredError")
         self.total += float((output.detach() - target).double().pow(2).sum())
         self.count += target.numel()
+
+
+class RootMeanSquaredError(MeanSquaredError):
+    """Root mean squared error over all elements: the square root of the mean squared error
+    over every batch (not a mean of per-batch roots)."""
+
+    def compute(self) -> float:
+        return math.sqrt(super().compute())
+
+
+class OriginalUnits(Metric):
+    """A metric of outputs and targets taken back from standardised units, ``y * scale + mean``:
+    a model trained on standardised regression targets ``(y - mean) / scale`` is measured in the
+    targets' own units (MAE in meV rather than in standard deviations).
+
+    Args:
+        metric: the factory of the metric to compute in original units (e.g.
+            :class:`MeanAbsoluteError`); its direction is this metric's.
+        mean, scale: the standardisation, broadcast against one sample's target (a number,
+            or a tensor of the target's per-sample shape, e.g. ``[k]`` for ``[B, k]`` targets);
+            ``scale`` must be finite and non-zero.
+
+    An output ``[B, 1]`` against a target ``[B]`` is read as ``[B]`` (a head with one unit).
+    """
+
+    def __init__(self, metric: Callable[[], Metric], mean: Any = 0.0, scale: Any = 1.0) -> None:
+        self.metric = metric()
+        if not isinstance(self.metric, Metric):
+            raise MtlkitError(
+                f"OriginalUnits: metric must build a Metric, got {type(self.metric).__name__}"
+            )
+        self.higher_is_better = self.metric.higher_is_better  # type: ignore[misc]
+        self.mean = torch.as_tensor(mean, dtype=torch.float64)
+        self.scale = torch.as_tensor(scale, dtype=torch.float64)
+        if not bool(torch.isfinite(self.mean).all()) or not bool(torch.isfinite(self.scale).all()):
+            raise MtlkitError(f"OriginalUnits: mean and scale must be finite, got {mean}, {scale}")
+        if bool((self.scale == 0).any()):
+            raise MtlkitError(f"OriginalUnits: scale must be non-zero, got {scale}")
+        super().__init__()
+
+    def reset(self) -> None:
+        self.metric.reset()
+
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        if output.dim() == target.dim() + 1 and output.shape[-1] == 1:
+            output = output.squeeze(-1)
+        mean, scale = self.mean.to(target.device), self.scale.to(target.device)
+        self.metric.update(
+            output.detach().double() * scale + mean, target.double() * scale + mean
+        )
+
+    def compute(self) -> float:
+        return self.metric.compute()
+
+    def __repr__(self) -> str:
+        mean, scale = self.mean.tolist(), self.scale.tolist()
+        return f"OriginalUnits({self.metric!r}, mean={mean}, scale={scale})"
 
 
 def delta_m(

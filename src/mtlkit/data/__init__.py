@@ -6,6 +6,8 @@
   :func:`two_domain_digits`.
 * :mod:`mtlkit.data.tensors`: :class:`TensorTasks`, a data set of your own tensors
   ``(x, {task: y})``, and :func:`split_dataset`, a seeded train/val/test split.
+* :mod:`mtlkit.data.regression`: :class:`Standardizer` (regression targets standardised on the
+  training split) and :func:`regression_tasks` (MSE on them, MAE/RMSE in original units).
 * :mod:`mtlkit.data.attributes`: Attributes, a synthetic CelebA-like problem generated from
   seeds (40 correlated binary attributes of latent factors).
 
@@ -45,6 +47,7 @@ from mtlkit.data.multidigits import (
     sum_from_output,
     sum_loss,
 )
+from mtlkit.data.regression import Standardizer, regression_loss, regression_tasks
 from mtlkit.data.tensors import TensorTasks, split_dataset
 
 __all__ = [
@@ -60,6 +63,7 @@ __all__ = [
     "MultiDigits",
     "MultiDigitsConfig",
     "MultiInputLoader",
+    "Standardizer",
     "SumMeanAbsoluteError",
     "TensorTasks",
     "attribute_features",
@@ -70,6 +74,8 @@ __all__ = [
     "load_uci_digits",
     "multidigits",
     "multidigits_tasks",
+    "regression_loss",
+    "regression_tasks",
     "split_dataset",
     "sum_from_output",
     "sum_loss",
