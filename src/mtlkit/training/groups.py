@@ -1,4 +1,6 @@
-"""Task groups for alternating strategies: one task per group, explicit groups, or random groups.
+"""Task groups for alternating strategies: one task per group, explicit groups, random groups,
+or groups selected from the run's task affinities
+(:class:`~mtlkit.training.group_selection.AffinityGroups`).
 
 Pascal et al. (2021) split the tasks at random into groups of size ``s`` once, at the start, and
 keep them; a group's loss is the sum of its tasks' losses (or a method's combination of them).
@@ -15,6 +17,7 @@ from typing import Literal, Union
 import torch
 
 from mtlkit.errors import ConfigError
+from mtlkit.training.group_selection import AffinityGroups
 
 Resample = Literal["never", "epoch", "step"]
 
@@ -51,7 +54,7 @@ class RandomGroups:
         return [[tasks[i] for i in sorted(chunk)] for chunk in chunks]
 
 
-GroupSpec = Union[str, Sequence[Sequence[str]], RandomGroups]  # noqa: UP007 (runtime alias, py3.10)
+GroupSpec = Union[str, Sequence[Sequence[str]], RandomGroups, AffinityGroups]  # noqa: UP007
 
 
 def check_partition(groups: Sequence[Sequence[str]], tasks: Sequence[str]) -> list[list[str]]:
@@ -79,13 +82,18 @@ def check_partition(groups: Sequence[Sequence[str]], tasks: Sequence[str]) -> li
 
 
 class GroupSchedule:
-    """The current task groups of a run, redrawn when a :class:`RandomGroups` asks for it."""
+    """The current task groups of a run, redrawn when a :class:`RandomGroups` asks for it, or
+    selected from the affinities :meth:`observe` hands it (:class:`AffinityGroups`)."""
 
     def __init__(self, spec: GroupSpec, tasks: Sequence[str]) -> None:
         self.spec = spec
         self.tasks = list(tasks)
         self.generator = torch.Generator()
-        if isinstance(spec, RandomGroups):
+        self.affinity: torch.Tensor | None = None  # AffinityGroups: the latest mean matrix
+        self.selections: list[dict[str, object]] = []  # AffinityGroups: epoch and groups
+        if isinstance(spec, AffinityGroups):
+            self.groups = spec.initial(self.tasks)
+        elif isinstance(spec, RandomGroups):
             self.generator.manual_seed(spec.seed)
             self.groups = spec.draw(self.tasks, self.generator)
         elif isinstance(spec, str):
@@ -99,19 +107,52 @@ class GroupSchedule:
 
     @property
     def resample(self) -> Resample:
+        if isinstance(self.spec, AffinityGroups):
+            return "epoch"  # the groups change after the warm-up at least
         return self.spec.resample if isinstance(self.spec, RandomGroups) else "never"
 
+    def observe(self, affinity: torch.Tensor, epoch: int) -> None:
+        """The mean affinity matrix after ``epoch`` (the Trainer's affinity logging), which the
+        next :meth:`maybe_resample` at the epoch's end selects from."""
+        self.affinity = affinity
+        self.epoch = epoch
+
     def maybe_resample(self, event: Literal["epoch", "step"]) -> bool:
-        """Draw new groups if the spec resamples at ``event``; return whether it did."""
+        """Draw (or select) new groups if the spec does so at ``event``; return whether the
+        groups changed (a draw always counts as a change)."""
         if self.resample != event:
             return False
+        if isinstance(self.spec, AffinityGroups):
+            return self._select()
         assert isinstance(self.spec, RandomGroups)
         self.groups = self.spec.draw(self.tasks, self.generator)
         return True
 
+    def _select(self) -> bool:
+        spec = self.spec
+        assert isinstance(spec, AffinityGroups)
+        epoch = getattr(self, "epoch", 0)
+        if epoch < spec.warmup or (self.selections and spec.recompute == "never"):
+            return False
+        if self.affinity is None:
+            raise ConfigError(
+                f"AffinityGroups select after epoch {epoch}, but no {spec.affinity!r} affinity "
+                "was measured yet; log affinities more often (affinity_every)"
+            )
+        groups = spec.select(self.affinity, self.tasks)
+        self.selections.append({"epoch": epoch, "groups": groups})
+        changed = groups != self.groups
+        self.groups = groups
+        return changed
+
     def state_dict(self) -> dict[str, object]:
-        return {"groups": self.groups, "generator": self.generator.get_state()}
+        state: dict[str, object] = {"groups": self.groups, "generator": self.generator.get_state()}
+        if isinstance(self.spec, AffinityGroups):
+            state["selections"] = list(self.selections)
+        return state
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.groups = check_partition(state["groups"], self.tasks)  # type: ignore[arg-type]
         self.generator.set_state(state["generator"])  # type: ignore[arg-type]
+        if isinstance(self.spec, AffinityGroups):
+            self.selections = list(state.get("selections", []))  # type: ignore[call-overload]
