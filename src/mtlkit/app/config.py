@@ -10,6 +10,9 @@ Besides the model, method and budget, a config may pick a subset of the problem'
 (checked against the data set when the run starts), set the step scheduler with
 ``scheduler_args`` (``step_size``, ``gamma``), and name a single-task ``baseline`` (an
 ``stl_baseline.json`` written by ``mtlkit train --stl``) to report the run's Δm% against.
+``references`` names published tables (YAML files, see :mod:`mtlkit.app.compare.references`)
+that ``mtlkit compare`` prints beside its results; relative paths are relative to the config
+file; ``mtlkit train`` does not read them.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class TrainConfig:
     route: str = "auto"
     select: str = "loss"
     baseline: str | None = None
+    references: list[str] | None = None  # published tables for mtlkit compare
     out: str | None = None
     progress: bool = True
     plots: bool = True
@@ -121,6 +125,12 @@ class TrainConfig:
             repeated = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
             if repeated:
                 raise ConfigError(f"tasks lists {', '.join(map(repr, repeated))} more than once")
+        if self.references is not None and (
+            not self.references or any(not r.strip() for r in self.references)
+        ):
+            raise ConfigError(
+                f"references must be a non-empty list of file paths (or null), got {self.references}"
+            )
         _check_scheduler_args(self.scheduler, self.scheduler_args)
         for name, value in dataclasses.asdict(self).items():  # after the keys' own checks
             low, high = INT_RANGES.get(name, (None, INT64_MAX))
