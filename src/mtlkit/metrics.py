@@ -137,9 +137,7 @@ class OriginalUnits(Metric):
         if output.dim() == target.dim() + 1 and output.shape[-1] == 1:
             output = output.squeeze(-1)
         mean, scale = self.mean.to(target.device), self.scale.to(target.device)
-        self.metric.update(
-            output.detach().double() * scale + mean, target.double() * scale + mean
-        )
+        self.metric.update(output.detach().double() * scale + mean, target.double() * scale + mean)
 
     def compute(self) -> float:
         return self.metric.compute()

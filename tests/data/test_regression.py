@@ -64,7 +64,7 @@ def test_fit_errors_name_the_task():
     data = scaled_problem(20)
     with pytest.raises(ConfigError, match=r"task 'kind' has torch.int64 targets"):
         Standardizer.fit(data)
-    with pytest.raises(ConfigError, match="unknown task.*'nope'"):
+    with pytest.raises(ConfigError, match=r"unknown task.*'nope'"):
         Standardizer.fit(data, tasks=["nope"])
     constant = {"flat": torch.stack([torch.randn(20), torch.full((20,), 3.0)], dim=1)}
     with pytest.raises(ConfigError, match=r"task 'flat' has std 0.0 at element \[1\]"):
@@ -122,7 +122,10 @@ def test_trained_on_standardised_targets_the_mae_is_in_original_units():
     model = build("hps", data["train"].input_shape, {"energy": 1, "lengths": 2}, widths=[32])
     loaders = {k: DataLoader(v, batch_size=32, shuffle=k == "train") for k, v in data.items()}
     trainer = Trainer(
-        model, tasks, optimizer=optimizer("adam", lr=1e-2), budget=Budget(epochs=4),
+        model,
+        tasks,
+        optimizer=optimizer("adam", lr=1e-2),
+        budget=Budget(epochs=4),
         progress=False,
     )
     trainer.fit(loaders["train"], loaders["val"])
@@ -145,7 +148,7 @@ def test_regression_tasks_check_their_arguments():
         regression_tasks(["a"], metrics=["r2"])
     with pytest.raises(ConfigError, match="at least one task"):
         regression_tasks([])
-    with pytest.raises(ConfigError, match="unknown task.*b"):
+    with pytest.raises(ConfigError, match=r"unknown task.*b"):
         regression_tasks(["a"], weights={"b": 2.0})
     (plain,) = regression_tasks(["a"], weights={"a": 2.0})
     assert plain.weight == 2.0

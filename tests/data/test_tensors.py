@@ -102,7 +102,10 @@ def test_the_trainer_trains_and_evaluates_on_tensor_tasks():
     assert isinstance(model, HPS)
     loaders = {k: DataLoader(v, batch_size=32, shuffle=k == "train") for k, v in splits.items()}
     trainer = Trainer(
-        model, tasks, optimizer=optimizer("adam", lr=1e-2), budget=Budget(epochs=5),
+        model,
+        tasks,
+        optimizer=optimizer("adam", lr=1e-2),
+        budget=Budget(epochs=5),
         progress=False,
     )
     before = trainer.evaluate(loaders["test"], write=False)

@@ -181,12 +181,10 @@ class Standardizer:
         """The factory of ``metric`` (a :class:`~mtlkit.metrics.Metric` factory) computed in
         ``task``'s original units, for ``Task.metrics``."""
         self._check_task(task)
-        return functools.partial(
-            OriginalUnits, metric, mean=self.mean[task], scale=self.std[task]
-        )
+        return functools.partial(OriginalUnits, metric, mean=self.mean[task], scale=self.std[task])
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        """``{"mean": {task: list}, "std": {task: list}}``, JSON-able; :meth:`from_dict` reads it."""
+        """``{"mean": {task: list}, "std": {task: list}}`` (JSON-able; :meth:`from_dict`)."""
         return {
             "mean": {t: v.tolist() for t, v in self.mean.items()},
             "std": {t: v.tolist() for t, v in self.std.items()},
@@ -244,9 +242,7 @@ def regression_tasks(
         if standardizer is not None:
             measured = {m: standardizer.metric(name, REGRESSION_METRICS[m]) for m in metrics}
         else:
-            measured = {
-                m: functools.partial(OriginalUnits, REGRESSION_METRICS[m]) for m in metrics
-            }
+            measured = {m: functools.partial(OriginalUnits, REGRESSION_METRICS[m]) for m in metrics}
         weight = float(weights.get(name, 1.0))
         if not math.isfinite(weight) or weight <= 0:
             raise ConfigError(f"regression_tasks: weight of {name!r} must be > 0, got {weight}")

@@ -99,9 +99,7 @@ class TensorTasks(Dataset):
     def subset(self, indices: Sequence[int] | Tensor) -> TensorTasks:
         """The samples ``indices`` (in that order), as a new :class:`TensorTasks` (copies)."""
         index = torch.as_tensor(indices, dtype=torch.int64)
-        return TensorTasks(
-            self.inputs[index], {task: y[index] for task, y in self.targets.items()}
-        )
+        return TensorTasks(self.inputs[index], {task: y[index] for task, y in self.targets.items()})
 
     def with_targets(self, targets: Mapping[str, Tensor]) -> TensorTasks:
         """The same inputs with some tasks' targets replaced (the others kept)."""
