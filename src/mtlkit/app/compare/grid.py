@@ -175,6 +175,11 @@ def load_grid(path: str | Path | None = None, overrides: Sequence[str] = ()) -> 
             f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}"
         )
     grid = {k: data.pop(k) for k in GRID_KEYS if k in data}
+    if isinstance(data.get("references"), list) and path is not None:  # relative to the file
+        data["references"] = [
+            str(Path(path).parent / r) if isinstance(r, str) and not Path(r).is_absolute() else r
+            for r in data["references"]
+        ]
     train_overrides = []
     for item in overrides:
         key, sep, text = item.partition("=")
