@@ -23,6 +23,7 @@ PRESENTATION_KEYS = {
     "checkpoint_every",
     "out",
     "baseline",
+    "references",
 }
 
 
