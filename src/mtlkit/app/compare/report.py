@@ -143,9 +143,11 @@ def write_results(
     out_dir: Path,
     baselines: Mapping[int, Mapping[str, Mapping[str, float]]],
     echo: Callable[[str], None] = print,
+    appendix: Sequence[str] = (),
 ) -> list[Path]:
-    """Write ``results.csv``, ``compare.json``, ``results.md`` (atomically) and, when
-    ``plots``, the figures; return the paths written."""
+    """Write ``results.csv``, ``compare.json``, ``results.md`` (atomically; ``appendix``: lines
+    added at its end, e.g. the published tables) and, when ``plots``, the figures; return the
+    paths written."""
     columns = result_columns(tasks)
     with atomic_file(out_dir / "results.csv") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
@@ -162,7 +164,7 @@ def write_results(
         "baselines": {str(seed): b for seed, b in baselines.items()},
     }
     write_json_atomic(out_dir / "compare.json", meta)
-    write_atomic(out_dir / "results.md", results_markdown(grid, rows, tasks, out_dir))
+    write_atomic(out_dir / "results.md", results_markdown(grid, rows, tasks, out_dir, appendix))
     written = [out_dir / "results.csv", out_dir / "results.md", out_dir / "compare.json"]
     if grid.base.plots and rows:
         from mtlkit.app.plots import plot_compare
@@ -195,10 +197,14 @@ def baseline_description(grid: Grid) -> str:
 
 
 def results_markdown(
-    grid: Grid, rows: Sequence[Mapping[str, Any]], tasks: Sequence[Task], out_dir: Path
+    grid: Grid,
+    rows: Sequence[Mapping[str, Any]],
+    tasks: Sequence[Task],
+    out_dir: Path,
+    appendix: Sequence[str] = (),
 ) -> str:
     """``results.md``: the setup in words, then one table row per budget x method x strategy
-    with the mean ± std over seeds."""
+    with the mean ± std over seeds, then the ``appendix`` lines."""
     lines = [f"# mtlkit compare: {out_dir.name}", ""]
     names = ", ".join(t.name for t in tasks)
     lines.append(
@@ -227,6 +233,7 @@ def results_markdown(
         "forward plus backward passes through the shared layers; peak memory: the run's peak "
         "RSS on the CPU (with `--jobs 0`, the running maximum of the one process), the CUDA "
         "allocator's peak on a GPU. One row per run: `results.csv`.",
+        *appendix,
         "",
     ]
     return "\n".join(lines)
