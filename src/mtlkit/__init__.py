@@ -14,7 +14,9 @@ from mtlkit.engine.layer_capture import LayerCapture
 from mtlkit.errors import ConfigError, MtlkitError, NonFiniteError, UnknownNameError
 from mtlkit.metrics import Accuracy, MeanAbsoluteError, MeanSquaredError, Metric, delta_m, delta_p
 from mtlkit.tasks import Task
+from mtlkit.training.affinity import AffinityOptions
 from mtlkit.training.forward import ForwardResult
+from mtlkit.training.group_selection import AffinityGroups
 from mtlkit.training.groups import RandomGroups
 from mtlkit.training.optim import optimizer
 from mtlkit.training.step import Step, StepResult
@@ -32,6 +34,8 @@ from mtlkit.version import __version__
 __all__ = [
     "HPS",
     "Accuracy",
+    "AffinityGroups",
+    "AffinityOptions",
     "Alternating",
     "Budget",
     "ConfigError",

@@ -31,6 +31,7 @@ from mtlkit.methods import EW, Method
 from mtlkit.parallel.ddp import Reducer
 from mtlkit.registry import Registry
 from mtlkit.training.forward import ComputeLosses, restrict
+from mtlkit.training.group_selection import AffinityGroups
 from mtlkit.training.groups import GroupSchedule, GroupSpec, RandomGroups, Resample
 from mtlkit.training.nonfinite import NonFiniteGuard
 from mtlkit.training.route_choice import AutoRoute
@@ -321,8 +322,10 @@ class Alternating(Strategy):
     Args:
         method: how a group of several tasks is combined (EW, the sum, by default); one copy
             per group, so stateful methods keep per-group state.
-        groups: ``"each"`` (one task per group, the default), a list of task-name lists, or
-            :class:`~mtlkit.training.groups.RandomGroups`.
+        groups: ``"each"`` (one task per group, the default), a list of task-name lists,
+            :class:`~mtlkit.training.groups.RandomGroups` or
+            :class:`~mtlkit.training.group_selection.AffinityGroups` (selected from the
+            Trainer's affinity logging).
         optimizers: ``"shared"`` or ``"per_group"``.
         order: ``"fixed"`` (the groups' order, as in the paper) or ``"random"`` (redrawn each
             batch).
@@ -522,13 +525,27 @@ def alternating(
     lr_scaling: LrScaling = "none",
     shared_decay: SharedDecay = "per_step",
     seed: int = 0,
+    affinity_groups: int | None = None,
+    affinity: Literal["tag", "cosine"] = "tag",
+    affinity_warmup: int = 1,
+    affinity_recompute: Literal["never", "epoch"] = "never",
 ) -> Alternating:
     """:class:`Alternating` from plain values (CLI and configs): ``group_size=s`` draws
-    :class:`~mtlkit.training.groups.RandomGroups` of ``s`` tasks (``resample``, ``group_seed``)."""
-    if group_size is not None:
+    :class:`~mtlkit.training.groups.RandomGroups` of ``s`` tasks (``resample``, ``group_seed``);
+    ``affinity_groups=k`` selects ``k`` groups from the run's affinities
+    (:class:`~mtlkit.training.group_selection.AffinityGroups` with ``affinity``,
+    ``affinity_warmup`` epochs, ``affinity_recompute``; ``group_seed`` seeds the warm-up groups;
+    needs the config key ``affinity_every``)."""
+    if affinity_groups is not None:
+        if groups != "each" or group_size is not None or resample != "never":
+            raise ConfigError("give affinity_groups alone: not with groups, group_size or resample")
+        spec: GroupSpec = AffinityGroups(
+            affinity_groups, affinity, affinity_warmup, affinity_recompute, group_seed
+        )
+    elif group_size is not None:
         if groups != "each":
             raise ConfigError("give either groups or group_size, not both")
-        spec: GroupSpec = RandomGroups(group_size, resample, group_seed)
+        spec = RandomGroups(group_size, resample, group_seed)
     elif resample != "never":
         raise ConfigError("resample needs group_size (random groups)")
     else:
