@@ -1,7 +1,8 @@
 """The ``mtlkit`` command line: ``train``, ``compare``, ``list``, ``toy`` and ``plot``.
 
 ``mtlkit train`` with no arguments trains HPS on the embedded MultiDigits benchmark with equal
-weighting and prints the test metrics of each task. Every config key can be set as
+weighting and prints the validation metrics of the selected model (the epoch model selection
+kept) and its test metrics, per task. Every config key can be set as
 ``key=value``; the common ones also have flags; ``--resume RUN_DIR`` continues a run from its
 checkpoint. ``mtlkit train --stl`` trains one single-task model per task and writes their test
 metrics to ``stl_baseline.json``; ``baseline=PATH`` (such a file) makes a run also print its
@@ -28,7 +29,7 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,11 @@ from mtlkit.app.runner import (
     resolve_out_dir,
     run,
     run_stl,
+    selected_results,
 )
 from mtlkit.app.toy import add_toy_arguments, toy_command
 from mtlkit.app.validation import check_config, check_resume
-from mtlkit.architectures import ARCHITECTURES
+from mtlkit.architectures import ARCHITECTURES, BACKBONES
 from mtlkit.data.benchmarks import DATASETS
 from mtlkit.errors import ConfigError, EnvironmentFailure, MtlkitError
 from mtlkit.methods import METHODS
@@ -141,7 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
         "a run stopped before its first checkpoint starts over",
     )
 
-    commands.add_parser("list", help="list methods, architectures, strategies and datasets")
+    commands.add_parser(
+        "list",
+        help="list methods, architectures, backbones, strategies and datasets with their "
+        "arguments and defaults",
+    )
     toy = commands.add_parser(
         "toy",
         help="run every method on the 2-D two-objective toy (CAGrad / Nash-MTL)",
@@ -307,6 +313,10 @@ def train_in(out_dir: Path, config: TrainConfig, args: argparse.Namespace, basel
     results = run(config, out_dir, resume=resume, problem=problem)
     if not is_main_process():
         return 0  # DDP: rank 0 reports and draws
+    epoch, select, val = selected_results(out_dir)
+    print(f"validation (the selected model: epoch {epoch}, select={select}):")
+    print(format_results(val))
+    print("test:")
     print(format_results(results))
     last = last_k_results(out_dir, config.select)
     if last is not None:  # the Nash-MTL/FAMO protocol
@@ -384,18 +394,37 @@ def stl_command(config: TrainConfig, overwrite: bool = False) -> int:
 
 
 def list_registered() -> str:
-    """Every registered method, architecture, strategy and dataset with its arguments."""
-    sections: list[tuple[str, Registry[Any], set[str]]] = [
-        ("methods", METHODS, set()),
-        ("architectures", ARCHITECTURES, {"input_shape", "task_outputs", "multi_input"}),
-        ("strategies", STRATEGIES, {"method"}),
-        ("datasets", DATASETS, set()),
+    """Every registered method, architecture (and backbone), strategy and dataset with its
+    arguments and their defaults (from the signature that the registry checks a config's
+    ``*_args`` against), after a heading that says which config keys set them."""
+    data_given = {"input_shape", "task_outputs", "multi_input"}
+    sections: list[tuple[str, str, Registry[Any], Callable[[str], bool]]] = [
+        ("methods", "method=NAME, method_args.ARG=VALUE", METHODS, lambda a: True),
+        (
+            "architectures",
+            "arch=NAME, arch_args.ARG=VALUE",
+            ARCHITECTURES,
+            lambda a: a not in data_given,
+        ),
+        (  # build_backbone passes only the widths on
+            "backbones",
+            "arch_args.backbone=NAME, arch_args.widths=[...]",
+            BACKBONES,
+            lambda a: a == "widths",
+        ),
+        (
+            "strategies",
+            "strategy=NAME, strategy_args.ARG=VALUE",
+            STRATEGIES,
+            lambda a: a != "method",
+        ),
+        ("datasets", "data=NAME, data_args.ARG=VALUE", DATASETS, lambda a: True),
     ]
     lines: list[str] = []
-    for title, registry, supplied in sections:
-        lines.append(f"{title}:")
+    for title, keys, registry, shown in sections:
+        lines.append(f"{title}: ({keys})")
         for name in registry.available():
-            args = [str(a) for a in registry.arguments(name) if a.name not in supplied]
+            args = [str(a) for a in registry.arguments(name) if shown(a.name)]
             lines.append(f"  {name}({', '.join(args)})")
     return "\n".join(lines)
 

@@ -204,7 +204,8 @@ def run(
     overwrite: bool = False,
 ) -> Results:
     """Train and test one model as ``config`` says (continuing from ``out_dir``'s checkpoint
-    when ``resume``); return the test results. ``problem``: the data, already loaded by
+    when ``resume``); return the test results (the selected model's validation results go to
+    ``summary.json`` too, key ``val``). ``problem``: the data, already loaded by
     :func:`load_problem` (loaded here otherwise). ``out_dir`` is claimed for the run
     (:func:`claimed`; ``overwrite`` replaces what it holds)."""
     torch.manual_seed(config.seed)
@@ -217,6 +218,7 @@ def run(
         if out_dir is not None and is_main_process():
             write_atomic(out_dir / "config.yaml", config.to_yaml())
         trainer.fit(loaders["train"], loaders["val"], resume=resume)
+        trainer.evaluate(loaders["val"], split="val")  # the selected model's, for the report
         results = trainer.evaluate(loaders["test"], split="test")
         k = last_k_epochs(config.select)
         if k is not None:  # the Nash-MTL/FAMO protocol: the mean of the last k epochs
@@ -224,6 +226,14 @@ def run(
             trainer.results[last_k_split(k)] = last
             trainer.write_summary()
         return results
+
+
+def selected_results(out_dir: Path) -> tuple[int | None, str, Results]:
+    """``(best epoch, selection criterion, validation metrics)`` of the selected model of the
+    finished run in ``out_dir`` (its ``summary.json``; :func:`run` evaluates the selected model
+    on the validation split before the test split)."""
+    summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+    return summary["best_epoch"], summary["selection"], summary["results"]["val"]
 
 
 def last_k_split(k: int) -> str:
