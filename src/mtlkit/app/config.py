@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from mtlkit.errors import ConfigError
+from mtlkit.training.affinity import AffinityOptions
 
 BUDGET_KEYS = ("epochs", "steps", "passes", "seconds", "forward_backward")
 """The budget keys (see :class:`mtlkit.Budget`): training stops at the first limit reached."""
@@ -77,6 +78,11 @@ class TrainConfig:
     amp: str = "none"  # none | bf16 | fp16 (CUDA): autocast + loss scaler (mtlkit.engine.precision)
     accumulate: int = 1  # micro-batches per optimizer step
     on_nonfinite: str = "raise"  # raise | skip_step | skip_task (mtlkit.training.nonfinite)
+    affinity_every: int | None = None  # task affinities every k batches (mtlkit.training.affinity)
+    affinity_kinds: list[str] = field(default_factory=lambda: ["tag", "cosine"])
+    affinity_lookahead: str = "sgd"  # sgd (TAG's) | optimizer (the training optimizer's step)
+    affinity_lr: float | None = None  # the SGD look-ahead's lr (None: the optimizer's)
+    affinity_plot: bool | None = None  # affinity.png: None = when matplotlib is installed
 
     def __post_init__(self) -> None:
         for name, value in dataclasses.asdict(self).items():
@@ -132,6 +138,7 @@ class TrainConfig:
                 f"references must be a non-empty list of file paths (or null), got {self.references}"
             )
         _check_scheduler_args(self.scheduler, self.scheduler_args)
+        affinity_options(self)  # the affinity_* keys, checked
         for name, value in dataclasses.asdict(self).items():  # after the keys' own checks
             low, high = INT_RANGES.get(name, (None, INT64_MAX))
             if isinstance(value, int) and not isinstance(value, bool) and value > high:
@@ -160,6 +167,27 @@ INT_RANGES: dict[str, tuple[int, int]] = {
 SCHEDULER_ARGS = {"step": {"step_size": int, "gamma": float}}
 """The ``scheduler_args`` each scheduler takes (``scheduler=step``: ``StepLR(step_size, gamma)``,
 stepped once per epoch)."""
+
+
+def affinity_options(config: TrainConfig) -> AffinityOptions | None:
+    """The Trainer's affinity logging of ``config`` (``None`` without ``affinity_every``)."""
+    keys = ("affinity_lookahead", "affinity_lr", "affinity_plot")
+    default = TrainConfig.__dataclass_fields__
+    if config.affinity_every is None:
+        changed = [k for k in keys if getattr(config, k) != default[k].default]
+        if changed or config.affinity_kinds != ["tag", "cosine"]:
+            raise ConfigError(
+                f"{', '.join(changed or ['affinity_kinds'])} need affinity_every (batches "
+                "between two affinity measurements)"
+            )
+        return None
+    return AffinityOptions(
+        config.affinity_every,
+        tuple(config.affinity_kinds),
+        config.affinity_lookahead,
+        config.affinity_lr,
+        config.affinity_plot,
+    )
 
 
 def _check_scheduler_args(scheduler: str, args: Mapping[str, Any]) -> None:
