@@ -19,6 +19,7 @@ LAYERS: list[set[str]] = [
     {"metrics", "tasks", "architectures", "data"},
     {"parallel"},
     {"training"},
+    {"integrations"},
     {"app"},
 ]
 """Bottom to top; the package itself (``mtlkit/__init__.py``, ``__main__.py``) may import all."""
