@@ -52,6 +52,7 @@ RUN_FILES = frozenset(
         "metrics.csv",
         "steps.csv",
         "config.yaml",
+        "trackers.json",
         "error.txt",
         "stl_baseline.json",
         ".mtlkit-run.json",

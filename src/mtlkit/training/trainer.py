@@ -62,6 +62,7 @@ from mtlkit.training.optim import optimizer as default_optimizer
 from mtlkit.training.preflight import check_training, dry_forward
 from mtlkit.training.signals import StopOnSignal, TrainingInterrupted
 from mtlkit.training.strategies import Joint, Strategy, StrategyContext
+from mtlkit.training.trackers import Tracker, TrackerSet, build_trackers, status_of
 from mtlkit.training.trainer_state import (
     EpochAccumulator,
     restore_trainer,
@@ -113,6 +114,10 @@ class Trainer:
         tensorboard: also write the rows of ``steps.csv`` and ``metrics.csv`` as TensorBoard
             scalars to ``out_dir/tb/steps`` and ``out_dir/tb/metrics`` (needs the
             ``tensorboard`` extra).
+        loggers: experiment trackers that get the same rows, the config and, at
+            :meth:`close`, the result files: ``"wandb"``, ``"mlflow"`` (the extras of those
+            names), ``"tensorboard"`` (as ``tensorboard=True``) or
+            :class:`~mtlkit.training.trackers.Tracker` objects; needs ``out_dir``.
         amp: mixed precision of the forward pass: ``"none"``, ``"bf16"`` or ``"fp16"`` (CUDA,
             with a loss scaler), or a :class:`~mtlkit.engine.precision.Precision`.
         accumulate: micro-batches per optimizer step (gradient accumulation; see
@@ -146,6 +151,7 @@ class Trainer:
         track_exploration: bool = True,
         checkpoint_every: int | None = None,
         tensorboard: bool = False,
+        loggers: Sequence[str | Tracker] = (),
         amp: str | Precision = "none",
         accumulate: int = 1,
         distributed: bool | None = None,
@@ -174,7 +180,10 @@ class Trainer:
         self.out_dir = self._run_dir if self.parallel.is_main else None  # rank 0 writes
         self.config = dict(config or {})
         self.progress_bar = progress and self.parallel.is_main
-        self.tensorboard = tensorboard
+        self.tensorboard = tensorboard or "tensorboard" in loggers
+        self.trackers = TrackerSet(build_trackers(loggers) if self.parallel.is_main else [])
+        if self.trackers and self.out_dir is None:
+            raise MtlkitError(f"loggers {list(loggers)} mirror the run's logs: give out_dir")
         if tensorboard and self.out_dir is not None:
             require_tensorboard()  # fail before training when the extra is missing
         self.multi_input = bool(getattr(model, "multi_input", False))
@@ -246,6 +255,7 @@ class Trainer:
             raise MtlkitError(f"cannot continue the logs in {self.out_dir}: {error}") from None
         if logs and self.tensorboard:  # the same rows as TensorBoard scalars under out_dir/tb
             logs = with_tensorboard(logs, self.out_dir / "tb", resumed=bool(resume))
+        logs = self.trackers.attach(logs, self.out_dir, self.config, resumed=bool(resume))
         start = time.perf_counter() - self.progress.seconds
         try:
             with StopOnSignal() as stop:
@@ -256,6 +266,9 @@ class Trainer:
                         self._epoch = EpochAccumulator.start(self, self.task_names)
                     self._train_epoch(train, position, logs, start, stop)
                     self._end_epoch(val, logs)
+        except BaseException as error:  # the tracker runs end; a resume continues them
+            self.trackers.close(status_of(error))
+            raise
         finally:
             for log in (logs or {}).values():
                 log.close()
@@ -520,7 +533,13 @@ class Trainer:
         if write:
             self.results[split] = results
             self.write_summary()
+            self.trackers.results(split, results, self.progress.steps)
         return results
+
+    def close(self) -> None:
+        """End the tracker runs of ``loggers``, uploading the result files (call it after the
+        last :meth:`evaluate`; at exit otherwise, marked interrupted)."""
+        self.trackers.close()
 
     # ------------------------------------------------------------------- output
     def _open_logs(self, keep_rows: dict[str, int] | None = None) -> dict[str, CsvLog] | None:
