@@ -206,6 +206,22 @@ def test_cli_errors(tmp_path, capsys) -> None:
     assert main(["toy", "--starts", "1,2,3", "--out", str(tmp_path)]) == 2
 
 
+def test_jobs_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="jobs must be >= 1, got 0"):
+        run_toy(["ew"], STARTS[:1], 5, jobs=0)
+
+
+@pytest.mark.slow  # two spawned worker processes import torch (~5 s)
+def test_worker_processes_give_the_same_runs_in_order() -> None:
+    names, starts = ["mgda", "famo"], [(0.0, 0.0), (-8.5, 7.5)]
+    serial = run_toy(names, starts, 60, dtype=F64)
+    parallel = run_toy(names, starts, 60, jobs=2, dtype=F64)
+    assert [(r.method, r.start) for r in parallel] == [(r.method, r.start) for r in serial]
+    for a, b in zip(serial, parallel):
+        np.testing.assert_array_equal(a.trajectory, b.trajectory)
+        assert a.solver == b.solver and a.error is None
+
+
 def test_parse_starts() -> None:
     assert parse_starts("(-8.5, 7.5); (0,0)") == [(-8.5, 7.5), (0.0, 0.0)]
     assert parse_starts("-8.5,7.5 9,9") == [(-8.5, 7.5), (9.0, 9.0)]

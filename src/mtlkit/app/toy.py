@@ -31,9 +31,11 @@ bilevel method (``needs_probe``) gets the same losses for its auxiliary batches.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import itertools
 import math
+import multiprocessing
 import re
 import time
 import warnings
@@ -285,25 +287,41 @@ def run_toy(
     steps: int = DEFAULT_STEPS,
     *,
     progress: bool = False,
+    jobs: int = 1,
     **kwargs: Any,
 ) -> list[ToyRun]:
     """Every method (default: all registered now, ``mtlkit.methods.available()``) from every
-    start; keyword arguments go to :func:`run_method`."""
+    start; keyword arguments go to :func:`run_method`. ``jobs > 1`` runs that many worker
+    processes (one torch thread each; the methods are rebuilt there by name, so only methods
+    registered on import of mtlkit); the runs come back in the same order."""
+    if jobs < 1:
+        raise ConfigError(f"jobs must be >= 1, got {jobs}")
     names = list(METHODS.available() if methods is None else methods)
     for name in names:  # an unknown name is a user error, not an error row
         METHODS.factory(name)
-    runs = []
-    for name in names:
-        for start in starts:
-            run = run_method(name, start, steps, **kwargs)
-            runs.append(run)
-            if progress:
-                state = run.error or (
-                    f"ends at ({run.final[0]:.3f}, {run.final[1]:.3f}), "  # type: ignore[index]
-                    f"{'on' if run.on_front else 'off'} the front"
-                )
-                print(f"  {name} from {run.start}: {state} [{run.steps_per_second:.0f} steps/s]")
-    return runs
+    work = [(name, tuple(start)) for name in names for start in starts]
+    if jobs == 1:
+        results = (run_method(name, start, steps, **kwargs) for name, start in work)
+        return [_reported(run, progress) for run in results]
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        futures = [pool.submit(_run_in_worker, n, s, steps, kwargs) for n, s in work]
+        return [_reported(future.result(), progress) for future in futures]
+
+
+def _run_in_worker(name: str, start: tuple[float, ...], steps: int, kwargs: dict) -> ToyRun:
+    torch.set_num_threads(1)
+    return run_method(name, start, steps, **kwargs)
+
+
+def _reported(run: ToyRun, progress: bool) -> ToyRun:
+    if progress:
+        state = run.error or (
+            f"ends at ({run.final[0]:.3f}, {run.final[1]:.3f}), "  # type: ignore[index]
+            f"{'on' if run.on_front else 'off'} the front"
+        )
+        print(f"  {run.method} from {run.start}: {state} [{run.steps_per_second:.0f} steps/s]")
+    return run
 
 
 COLUMNS = (
@@ -531,6 +549,9 @@ def add_toy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (1e-3)")
     parser.add_argument("--no-plot", action="store_true", help="write the tables only")
     parser.add_argument("--no-progress", action="store_true", help="do not print each run")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="worker processes, one torch thread each (1)"
+    )
 
 
 def toy_command(args: argparse.Namespace) -> int:
@@ -544,7 +565,13 @@ def toy_command(args: argparse.Namespace) -> int:
         methods = [n for item in args.methods for n in item.split(",") if n]
     starts = STARTS if args.starts is None else parse_starts(args.starts)
     runs = run_toy(
-        methods, starts, args.steps, progress=not args.no_progress, scale=args.scale, lr=args.lr
+        methods,
+        starts,
+        args.steps,
+        progress=not args.no_progress,
+        jobs=args.jobs,
+        scale=args.scale,
+        lr=args.lr,
     )
     write_tables(runs, args.out, steps=args.steps, scale=args.scale)
     print(markdown_table(summary_rows(runs)), end="")
