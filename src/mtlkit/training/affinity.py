@@ -352,6 +352,14 @@ class AffinityTracker:
             plot_affinity(self.history[-1], self.tasks, out_dir / AFFINITY_PNG)
 
 
+def tracker_for(options: AffinityOptions | None, trainer: Any) -> AffinityTracker | None:
+    """The tracker of a :class:`~mtlkit.Trainer` with ``affinity=options`` (``None``: none)."""
+    if options is None:
+        return None
+    shared = list(trainer.model.shared_parameters())
+    return AffinityTracker(options, trainer.model, trainer.tasks, trainer.parallel, shared)
+
+
 def _affinity_groups(strategy: Any) -> AffinityGroups | None:
     spec = getattr(getattr(strategy, "schedule", None), "spec", None)
     return spec if isinstance(spec, AffinityGroups) else None

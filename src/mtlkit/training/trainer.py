@@ -11,7 +11,7 @@ Files written to ``out_dir`` (when given): ``metrics.csv`` (one row per epoch), 
 solver's status ``solver/*``), ``summary.json`` (config, results
 per split, cost) and ``model.pt`` (the selected model, ``{"model": state_dict}``), both written
 atomically, and ``checkpoint.pt`` (everything a resume needs) every ``checkpoint_every`` batches
-and on SIGINT/SIGTERM.
+and on SIGINT/SIGTERM; with ``affinity``, ``affinity.csv`` and ``affinity.png``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from mtlkit.errors import ConfigError, MtlkitError, NonFiniteError
 from mtlkit.methods.solvers import SolverError
 from mtlkit.parallel.ddp import Parallel
 from mtlkit.tasks import Task
+from mtlkit.training.affinity import AffinityOptions, check_affinity_groups, tracker_for
 from mtlkit.training.batches import BatchStream
 from mtlkit.training.budget import Budget, Progress
 from mtlkit.training.checkpoint import (
@@ -130,6 +131,8 @@ class Trainer:
             ``"raise"`` (default; the error names the task, epoch, batch and step),
             ``"skip_step"`` or ``"skip_task"`` (:mod:`mtlkit.training.nonfinite`; counters in
             ``summary.json`` under ``nonfinite``).
+        affinity: log task affinities every ``affinity.every`` batches, for ``affinity.csv``
+            and AffinityGroups (:mod:`mtlkit.training.affinity`; training is left as it was).
     """
 
     def __init__(
@@ -156,6 +159,7 @@ class Trainer:
         accumulate: int = 1,
         distributed: bool | None = None,
         on_nonfinite: str = "raise",
+        affinity: AffinityOptions | None = None,
     ) -> None:
         self.tasks = list(tasks)
         names = [t.name for t in self.tasks]
@@ -194,6 +198,7 @@ class Trainer:
             )
         shared = exploration_parameters(model, model.shared_parameters())
         self.exploration = ExplorationTracker(shared) if track_exploration else None
+        self.affinity = tracker_for(affinity, self)
         self.progress = Progress()
         self.backwards = 0
         self._batches_seen = 0
@@ -304,6 +309,7 @@ class Trainer:
             )
         )
         self.parallel.attach(self.model, self.strategy.methods())  # DDP: rank 0's start
+        check_affinity_groups(self.strategy, self.affinity)
         self._setup_done = True
 
     def validate(self, train: Iterable[Any], sample: Any = None) -> None:
@@ -364,6 +370,8 @@ class Trainer:
             if not self._checked_batch:  # the pre-flight dry forward, on the real first batch
                 self._forward.task_forward = dry_forward(self, batch)
                 self._checked_batch = True
+            if self.affinity is not None and self.affinity.due(self._batches_seen):
+                self.affinity.measure(batch)  # leaves no trace on training
             try:
                 report = self.strategy.step(batch, self._losses, self.progress.steps)
             except (NonFiniteError, SolverError) as error:
@@ -405,6 +413,8 @@ class Trainer:
         epoch = self._epoch
         assert epoch is not None
         self._check_weights()
+        if self.affinity is not None:  # before the strategy's epoch end: AffinityGroups select
+            self.affinity.close_epoch(self.progress.epoch, self.out_dir)
         self.strategy.on_epoch_end(self.progress.epoch)
         model_hook(self.model, "on_epoch_end", self.progress.epoch)
         batches = max(1, epoch.batches)
@@ -575,6 +585,7 @@ class Trainer:
             "strategy": repr(self.strategy),
             "nonfinite": None if self._guard() is None else self._guard().counts(),
             "route": self.route_choice(),
+            "affinity": None if self.affinity is None else self.affinity.summary(),
             "results": self.results,
             "best_epoch": self.best_epoch,
             "selection": self.select,

@@ -99,6 +99,7 @@ def trainer_state(trainer: Any, position: LoaderPosition, log_rows: dict[str, in
         "precision": trainer.parallel.state_dict(),
         "run": run_binding(trainer),
         "route": None if trainer._auto_route() is None else trainer._auto_route().state_dict(),
+        "affinity": None if trainer.affinity is None else trainer.affinity.state_dict(),
     }
 
 
@@ -200,4 +201,7 @@ def restore_trainer(trainer: Any, path: Path) -> tuple[LoaderPosition, dict[str,
     auto = trainer._auto_route()
     if auto is not None and state.get("route") is not None:  # absent before route="auto" measured
         restore("route", lambda: auto.load_state_dict(state["route"]))
+    affinity = trainer.affinity
+    if affinity is not None and state.get("affinity") is not None:
+        restore("affinity", lambda: affinity.load_state_dict(state["affinity"]))
     return position, dict(state["log_rows"])
