@@ -14,7 +14,9 @@ from typing import Any
 
 from mtlkit.app.compare.folders import check_same_config, is_finished
 from mtlkit.app.compare.grid import Grid, load_grid, stl_dir
+from mtlkit.app.compare.references import load_references, reference_markdown, write_references
 from mtlkit.app.compare.report import (
+    aggregate,
     batches_per_epoch,
     collect_rows,
     delta_m_note,
@@ -44,6 +46,7 @@ class GridReport:
     interrupted: bool = False
     written: list[Path] = field(default_factory=list)
     tasks: list[Task] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)  # the published tables beside ours
 
     @property
     def executed(self) -> list[str]:
@@ -67,6 +70,7 @@ def run_grid(
     out_dir = grid.out_dir()
     problem = load_problem(dataclasses.replace(grid.base, seed=grid.seeds[0]), None)
     tasks = problem.tasks
+    tables = load_references(grid.base.references, tasks)  # checked before any run
     specs = grid.runs(out_dir)
     external = None
     if grid.base.baseline is not None:
@@ -148,7 +152,13 @@ def run_grid(
     baselines = load_baselines(grid, out_dir, external)
     epoch_batches = batches_per_epoch(problem, grid.base)
     report.rows = collect_rows(grid, specs, tasks, baselines, epoch_batches)
-    report.written = write_results(grid, report.rows, tasks, out_dir, baselines, echo)
+    groups = aggregate(grid, report.rows, tasks)
+    report.references = reference_markdown(tables, grid, groups, baselines)
+    report.written = write_results(
+        grid, report.rows, tasks, out_dir, baselines, echo, appendix=report.references
+    )
+    if tables:
+        report.written.append(write_references(tables, grid, groups, baselines, out_dir))
     return report
 
 
@@ -172,7 +182,7 @@ def compare_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("mtlkit: compare interrupted; run the same command to go on", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print("\n".join(format_table(grid, report.rows, report.tasks)))
+    print("\n".join(format_table(grid, report.rows, report.tasks) + report.references))
     elapsed = time.perf_counter() - start
     print(
         f"{len(report.executed)} job(s) run, {len(report.skipped)} skipped (finished before), "
