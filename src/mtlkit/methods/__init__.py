@@ -24,6 +24,7 @@ from mtlkit.methods.bilevel import FORUM, MOML, AutoLambda
 from mtlkit.methods.cagrad import CAGrad
 from mtlkit.methods.config_grad import ConFIG
 from mtlkit.methods.dual_cone import DualProj, UPGrad
+from mtlkit.methods.epo import EPO
 from mtlkit.methods.excess import ExcessMTL
 from mtlkit.methods.famo import FAMO
 from mtlkit.methods.graddrop import GradDrop
@@ -35,6 +36,7 @@ from mtlkit.methods.mgda import MGDA
 from mtlkit.methods.nash import FairGrad, NashMTL
 from mtlkit.methods.ngdiff import NGDiff
 from mtlkit.methods.pcd import PCD
+from mtlkit.methods.preference import PBI, Tchebycheff
 from mtlkit.methods.projection import PCGrad
 from mtlkit.methods.random_weighting import RLW
 from mtlkit.methods.registry import METHODS
@@ -60,6 +62,7 @@ __all__ = [
     "CRMOGM",
     "DBMTL",
     "DWA",
+    "EPO",
     "EW",
     "FAMO",
     "FORUM",
@@ -71,6 +74,7 @@ __all__ = [
     "METHODS",
     "MGDA",
     "MOML",
+    "PBI",
     "PCD",
     "RGW",
     "RLW",
@@ -106,6 +110,7 @@ __all__ = [
     "Seeded",
     "Smoothed",
     "Sum",
+    "Tchebycheff",
     "TrimmedMean",
     "UPGrad",
     "WeightedLoss",
