@@ -39,7 +39,9 @@ of :func:`mtlkit.app.plots.plot_compare` are written.
 Modules: :mod:`~mtlkit.app.compare.grid` (the config keys, validated into a :class:`Grid` of
 runs), :mod:`~mtlkit.app.compare.folders` (finished runs, same-config checks),
 :mod:`~mtlkit.app.compare.workers` (jobs and the worker pool), :mod:`~mtlkit.app.compare.report`
-(rows, ``results.csv``/``results.md``/``compare.json``, statistics) and
+(rows, ``results.csv``/``results.md``/``compare.json``, statistics),
+:mod:`~mtlkit.app.compare.references` (the published tables of the ``references`` key, beside
+the results in ``results.md`` and ``references.csv``) and
 :mod:`~mtlkit.app.compare.command` (:func:`run_grid` and the subcommand).
 """
 
@@ -74,6 +76,16 @@ from mtlkit.app.compare.grid import (
     load_grid,
     stl_dir,
 )
+from mtlkit.app.compare.references import (
+    Column,
+    ReferenceTable,
+    Row,
+    comparisons,
+    load_reference,
+    load_references,
+    reference_markdown,
+    write_references,
+)
 from mtlkit.app.compare.report import (
     aggregate,
     baseline_description,
@@ -107,11 +119,14 @@ __all__ = [
     "PRESENTATION_KEYS",
     "STL_MODES",
     "BudgetSpec",
+    "Column",
     "Entry",
     "Grid",
     "GridReport",
     "Job",
     "Outcome",
+    "ReferenceTable",
+    "Row",
     "RunSpec",
     "aggregate",
     "available_cpus",
@@ -120,6 +135,7 @@ __all__ = [
     "check_same_config",
     "collect_rows",
     "compare_command",
+    "comparisons",
     "confidence_interval",
     "delta_m_note",
     "execute",
@@ -129,12 +145,16 @@ __all__ = [
     "is_finished",
     "load_baselines",
     "load_grid",
+    "load_reference",
+    "load_references",
     "read_json",
+    "reference_markdown",
     "result_columns",
     "results_markdown",
     "run_delta_m",
     "run_grid",
     "run_in_workers",
     "stl_dir",
+    "write_references",
     "write_results",
 ]
