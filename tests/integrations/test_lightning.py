@@ -230,3 +230,17 @@ def test_the_missing_extra_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "pytorch_lightning", None)
     with pytest.raises(MissingExtraError, match=r'pip install "mtlkit\[lightning\]"'):
         require_lightning()
+
+
+def test_the_example_trains(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "lightning_mtl.py"
+    spec = importlib.util.spec_from_file_location("lightning_mtl", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.chdir(tmp_path)
+    accuracy = example.main("famo", epochs=1, train_size=640)
+    assert set(accuracy) == {"left", "right"}
+    assert all(0 <= a <= 1 for a in accuracy.values())

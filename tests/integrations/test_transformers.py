@@ -202,3 +202,17 @@ def test_the_missing_extra_is_named(monkeypatch):
     monkeypatch.setattr(module, "_BUILT", {})
     with pytest.raises(MissingExtraError, match=r'pip install "mtlkit\[transformers\]"'):
         module.MultiTaskTrainer  # noqa: B018
+
+
+def test_the_example_trains(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "transformers_mtl.py"
+    spec = importlib.util.spec_from_file_location("transformers_mtl", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.chdir(tmp_path)
+    result = example.main("upgrad", epochs=1, train_size=64, hidden=16, layers=1)
+    assert 0 <= result["marker accuracy"] <= 1
+    assert 0 <= result["high mse"] < 1
