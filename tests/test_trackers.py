@@ -298,3 +298,51 @@ def test_a_missing_package_names_its_extra(monkeypatch, name, extra):
     tracker = WandbTracker if name == "wandb" else MlflowTracker
     with pytest.raises(MtlkitError, match=rf"mtlkit\[{extra}\]"):
         tracker()
+
+
+# ------------------------------------------------------------------------ config and command line
+
+
+def test_mtlkit_train_logger_flag_and_logger_args(tmp_path, mlflow_store, capsys):
+    from mtlkit.app.cli import main
+    from mtlkit.app.config import load_config
+
+    out = tmp_path / "run"
+    fast = ["data_args.n_train=128", "data_args.n_val=64", "data_args.n_test=64", "epochs=1"]
+    argv = ["train", *fast, "--no-progress", "plots=false", "--out", str(out)]
+    argv += ["--logger", "mlflow,tensorboard", f"logger_args.tracking_uri={mlflow_store}"]
+    assert main(argv) == 0
+    saved = load_config(out / "config.yaml")
+    assert saved.loggers == ["mlflow", "tensorboard"]
+    assert saved.logger_args == {"tracking_uri": mlflow_store}
+    assert list((out / "tb" / "steps").glob("events.out.tfevents.*"))  # tensorboard as before
+    client, run = mlflow_run(mlflow_store)
+    assert run.data.params == flatten_config(saved.to_dict())
+    names = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert names == {"summary.json", "metrics.csv", "steps.csv", "config.yaml", "model.pt"}
+    steps = read_csv(out / "steps.csv")
+    assert_series(
+        history(client, run.info.run_id, "loss/left"), csv_series(steps, "step", "loss/left")
+    )
+
+
+def test_config_keys_loggers_and_logger_args_are_validated():
+    from mtlkit.app.config import TrainConfig, load_config
+
+    assert TrainConfig(loggers="wandb, mlflow").loggers == ["wandb", "mlflow"]
+    assert load_config(None, ["loggers=[mlflow]"]).loggers == ["mlflow"]
+    with pytest.raises(ConfigError, match=r"unknown logger\(s\) 'comet'"):
+        load_config(None, ["loggers=comet"])
+    with pytest.raises(ConfigError, match=r"logger_args\.experiment is an option of mlflow"):
+        load_config(None, ["loggers=wandb", "logger_args.experiment=x"])
+    with pytest.raises(ConfigError, match="unknown config key 'logger'"):
+        load_config(None, ["logger=wandb"])
+
+
+def test_the_mlflow_example_runs(tmp_path, mlflow_store, capsys):
+    import runpy
+
+    example = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "track_with_mlflow.py"))
+    result = example["main"](tmp_path, epochs=1, n_train=128)
+    assert result["steps"] == 2 and result["artifacts"] == 4
+    assert "(FINISHED)" in capsys.readouterr().out

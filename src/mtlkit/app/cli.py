@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from mtlkit.app.compare import compare_command
-from mtlkit.app.config import TrainConfig, config_keys, load_config
+from mtlkit.app.config import TrainConfig, config_keys, load_config, logger_override
 from mtlkit.app.plots import plot_folder
 from mtlkit.app.runner import (
     STL_BASELINE,
@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--tensorboard", action="store_true", help="also log to TensorBoard (OUT/tb)"
     )
+    add_logger_argument(train)
     train.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
@@ -182,17 +183,50 @@ def add_compare_parser(commands: Any) -> None:
     compare.add_argument(
         "--jobs",
         type=int,
-        default=1,
+        default=None,
         metavar="N",
         help="runs at a time, each in a fresh worker process (default 1); 0: every run in "
-        "this process",
+        "this process; with --launcher submitit: jobs in the queue at a time (default: all)",
     )
+    compare.add_argument(
+        "--launcher",
+        choices=("local", "submitit"),
+        help="where the runs train: local worker processes (default), or SLURM jobs through "
+        "submitit (the grid key launcher)",
+    )
+    for flag, kind, text in (
+        ("--partition", str, "SLURM partition"),
+        ("--time", int, "time limit per job, minutes"),
+        ("--gpus", int, "GPUs per job"),
+        ("--cpus", int, "CPUs per job (its torch threads)"),
+        ("--mem-gb", float, "memory per job, GB"),
+        ("--account", str, "SLURM account"),
+        ("--qos", str, "SLURM QOS"),
+        ("--constraint", str, "SLURM constraint"),
+        ("--cluster", str, "submitit's executor: slurm, local or debug (default: SLURM if found)"),
+    ):
+        key = flag[2:].replace("-", "_")
+        compare.add_argument(
+            flag, type=kind, dest=f"submitit_{key}", help=f"--launcher submitit: {text}"
+        )
     compare.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     compare.add_argument(
         "--tensorboard", action="store_true", help="also log each run to TensorBoard (RUN/tb)"
     )
+    add_logger_argument(compare)
     compare.add_argument(
         "--print-config", action="store_true", help="print the resolved grid config and exit"
+    )
+
+
+def add_logger_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--logger",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also log to an experiment tracker: wandb, mlflow or tensorboard (repeatable, or "
+        "a comma list; sets loggers; options: logger_args.KEY=VALUE)",
     )
 
 
@@ -247,6 +281,7 @@ def train_command(args: argparse.Namespace) -> int:
         overrides.append("progress=false")
     if args.tensorboard:
         overrides.append("tensorboard=true")
+    overrides += logger_override(args.logger)
     if args.resume is not None:
         if args.config is not None:
             raise ConfigError("--resume takes the config of the run folder; do not give --config")

@@ -32,6 +32,7 @@ import yaml
 
 from mtlkit.errors import ConfigError
 from mtlkit.training.affinity import AffinityOptions
+from mtlkit.training.trackers import check_loggers
 
 BUDGET_KEYS = ("epochs", "steps", "passes", "seconds", "forward_backward")
 """The budget keys (see :class:`mtlkit.Budget`): training stops at the first limit reached."""
@@ -75,6 +76,8 @@ class TrainConfig:
     checkpoint_every: int | None = None
     workers: int = 0
     tensorboard: bool = False
+    loggers: list[str] | str = field(default_factory=list)  # tensorboard, wandb, mlflow
+    logger_args: dict[str, Any] = field(default_factory=dict)  # mtlkit.training.trackers
     amp: str = "none"  # none | bf16 | fp16 (CUDA): autocast + loss scaler (mtlkit.engine.precision)
     accumulate: int = 1  # micro-batches per optimizer step
     on_nonfinite: str = "raise"  # raise | skip_step | skip_task (mtlkit.training.nonfinite)
@@ -138,6 +141,9 @@ class TrainConfig:
                 f"references must be a non-empty list of file paths (or null), got {self.references}"
             )
         _check_scheduler_args(self.scheduler, self.scheduler_args)
+        if isinstance(self.loggers, str):  # "wandb,mlflow", as --logger takes them
+            self.loggers = [n.strip() for n in self.loggers.split(",") if n.strip()]
+        check_loggers(self.loggers, self.logger_args)
         affinity_options(self)  # the affinity_* keys, checked
         for name, value in dataclasses.asdict(self).items():  # after the keys' own checks
             low, high = INT_RANGES.get(name, (None, INT64_MAX))
@@ -399,6 +405,12 @@ def apply_overrides(base: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
         else:
             result[top] = value
     return result
+
+
+def logger_override(names: Sequence[str]) -> list[str]:
+    """The ``loggers=[...]`` override of the ``--logger`` flags (none when not given)."""
+    flat = [n.strip() for item in names for n in item.split(",") if n.strip()]
+    return [f"loggers=[{', '.join(flat)}]"] if flat else []
 
 
 def read_config_file(path: str | Path | None) -> dict[str, Any]:

@@ -51,6 +51,7 @@ from mtlkit.training.run_dir import (
     read_marker,
 )
 from mtlkit.training.strategies import STRATEGIES
+from mtlkit.training.trackers import build_trackers
 from mtlkit.training.trainer import Budget, Results, Trainer
 
 
@@ -225,6 +226,7 @@ def run(
             last = mean_of_last_epochs(trainer.history, trainer.tasks, k)
             trainer.results[last_k_split(k)] = last
             trainer.write_summary()
+        trainer.close()  # the tracker runs of config.loggers get the result files
         return results
 
 
@@ -323,7 +325,8 @@ def build_run(
         progress=config.progress,
         track_exploration=config.track_exploration,
         checkpoint_every=config.checkpoint_every,
-        tensorboard=config.tensorboard,
+        tensorboard=config.tensorboard or "tensorboard" in config.loggers,
+        loggers=build_trackers(config.loggers, config.logger_args),
         amp=config.amp,
         accumulate=config.accumulate,
         on_nonfinite=config.on_nonfinite,

@@ -70,6 +70,8 @@ RESUMABLE_KEYS = frozenset(
         "progress",
         "plots",
         "tensorboard",
+        "loggers",
+        "logger_args",
         "checkpoint_every",
         "workers",
         "baseline",

@@ -12,6 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mtlkit.app.compare.cluster import (
+    SUBMITIT_OPTIONS,
+    check_submitit_options,
+    require_submitit,
+    run_in_submitit,
+)
 from mtlkit.app.compare.folders import check_same_config, is_finished
 from mtlkit.app.compare.grid import Grid, load_grid, stl_dir
 from mtlkit.app.compare.references import load_references, reference_markdown, write_references
@@ -25,6 +31,7 @@ from mtlkit.app.compare.report import (
     write_results,
 )
 from mtlkit.app.compare.workers import Job, Outcome, execute, run_in_workers, wait_for_folder
+from mtlkit.app.config import logger_override
 from mtlkit.app.runner import STL_BASELINE, check_baseline, load_baseline, load_problem
 from mtlkit.errors import ConfigError
 from mtlkit.tasks import Task
@@ -59,14 +66,23 @@ class GridReport:
 
 def run_grid(
     grid: Grid,
-    jobs: int = 1,
+    jobs: int | None = 1,
     echo: Callable[[str], None] = print,
 ) -> GridReport:
     """Train every run of ``grid`` not finished yet (and the baselines), then write the results
     and plots; see the module docstring. ``jobs``: runs at a time in worker processes (0: in
-    this process)."""
-    if jobs < 0:
+    this process; ``None``: 1), or with ``grid.launcher == "submitit"`` jobs in the queue at a
+    time (``None``: all; :mod:`mtlkit.app.compare.cluster`)."""
+    cluster = grid.launcher == "submitit"
+    if cluster:
+        require_submitit()
+        if jobs is not None and jobs < 1:
+            raise ConfigError(f"--jobs with --launcher submitit must be >= 1, got {jobs}")
+    elif jobs is None:
+        jobs = 1
+    elif jobs < 0:
         raise ConfigError(f"jobs must be >= 0 (0: in this process), got {jobs}")
+    quiet = cluster or (jobs or 0) > 1  # no interleaved progress bars
     out_dir = grid.out_dir()
     problem = load_problem(dataclasses.replace(grid.base, seed=grid.seeds[0]), None)
     tasks = problem.tasks
@@ -86,8 +102,8 @@ def run_grid(
         if (folder / STL_BASELINE).is_file():
             report.skipped.append(f"stl-seed{seed}")
         else:
-            quiet = dataclasses.replace(config, progress=False) if jobs > 1 else config
-            plan.append(Job("stl", f"stl-seed{seed}", quiet.to_dict()))
+            config = dataclasses.replace(config, progress=False) if quiet else config
+            plan.append(Job("stl", f"stl-seed{seed}", config.to_dict()))
     for spec in specs:
         folder = Path(str(spec.config.out))
         check_same_config(folder, spec.config, "run")
@@ -95,13 +111,13 @@ def run_grid(
             report.skipped.append(spec.name)
             continue
         config = spec.config
-        if jobs > 1:  # no interleaved progress bars
+        if quiet:
             config = dataclasses.replace(config, progress=False)
         resume = (folder / "checkpoint.pt").is_file()
         plan.append(Job("run", spec.name, config.to_dict(), resume=resume))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "compare.yaml", grid.to_yaml())
-    if jobs > 1 and any(b.limits.get("seconds") for b in grid.budgets or []):
+    if not cluster and jobs > 1 and any(b.limits.get("seconds") for b in grid.budgets or []):
         echo(f"note: time budgets with --jobs {jobs}: the runs share the CPUs")
     total = len(specs) + len(grid.stl_seeds())
     done = len(report.skipped)
@@ -131,8 +147,13 @@ def run_grid(
             line += f" ({outcome.note})"
         echo(line)
 
+    submitit_dir = out_dir / "submitit"
     try:
-        if jobs == 0:
+        if cluster and plan:
+            report.interrupted = run_in_submitit(
+                plan, grid.submitit, submitit_dir, jobs, record, echo
+            )
+        elif jobs == 0:
             for job in plan:
                 outcome = execute(job)
                 record(job, outcome)
@@ -144,6 +165,11 @@ def run_grid(
         while busy and not report.interrupted:  # in this process, once its holder has ended
             job = busy.pop(0)
             wait_for_folder(Path(job.config["out"]))
+            if cluster:  # finished by the holder, or resumed in a job of its own
+                report.interrupted = run_in_submitit(
+                    [job], grid.submitit, submitit_dir, 1, record, echo
+                )
+                continue
             outcome = execute(job)  # finished by the holder, or resumed here
             record(job, outcome)
             report.interrupted = outcome.status == "interrupted"
@@ -172,7 +198,16 @@ def compare_command(args: argparse.Namespace) -> int:
         overrides.append("progress=false")
     if args.tensorboard:
         overrides.append("tensorboard=true")
+    overrides += logger_override(args.logger)
     grid = load_grid(args.config, overrides)
+    if args.launcher is not None:
+        grid.launcher = args.launcher
+    flags = {k: getattr(args, f"submitit_{k}") for k in SUBMITIT_OPTIONS}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if flags and grid.launcher != "submitit":
+        given = ", ".join(f"--{k.replace('_', '-')}" for k in flags)
+        raise ConfigError(f"{given}: options of --launcher submitit (launcher is {grid.launcher})")
+    grid.submitit = check_submitit_options({**grid.submitit, **flags})
     if args.print_config:
         print(grid.to_yaml(), end="")
         return 0

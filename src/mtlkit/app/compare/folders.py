@@ -19,6 +19,8 @@ PRESENTATION_KEYS = {
     "progress",
     "plots",
     "tensorboard",
+    "loggers",
+    "logger_args",
     "workers",
     "checkpoint_every",
     "out",

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from mtlkit.app.compare.cluster import LAUNCHERS, check_submitit_options
 from mtlkit.app.config import (
     BUDGET_KEYS,
     TrainConfig,
@@ -30,8 +31,9 @@ from mtlkit.methods import EW, METHODS
 from mtlkit.registry import Registry, normalize_name
 from mtlkit.training.strategies import STRATEGIES
 
-GRID_KEYS = ("methods", "strategies", "seeds", "budgets", "stl")
-"""The keys a compare config adds to a train config."""
+GRID_KEYS = ("methods", "strategies", "seeds", "budgets", "stl", "launcher", "submitit")
+"""The keys a compare config adds to a train config (``launcher``, ``submitit``: where the runs
+are trained, :mod:`mtlkit.app.compare.cluster`)."""
 STL_MODES = ("per_seed", "once")
 ENTRY_KEYS = ("name", "args", "label")
 BUDGET_ABBREVIATIONS = {"forward_backward": "fb"}
@@ -90,6 +92,8 @@ class Grid:
     budgets: list[BudgetSpec] | None
     stl: str = "per_seed"
     source: str | None = None  # the config file's stem, for the default output folder
+    launcher: str = "local"  # local (worker processes) or submitit (SLURM jobs)
+    submitit: dict[str, Any] = dataclasses.field(default_factory=dict)  # its options
 
     def out_dir(self) -> Path:
         """``out``, or ``runs/<config file name>`` (``runs/compare-<data>`` without a file):
@@ -148,6 +152,8 @@ class Grid:
         if self.budgets is not None:
             data["budgets"] = [{"name": b.name, **b.limits} for b in self.budgets]
         data["stl"] = self.stl
+        if self.launcher != "local" or self.submitit:
+            data["launcher"], data["submitit"] = self.launcher, dict(self.submitit)
         return data
 
     def to_yaml(self) -> str:
@@ -221,7 +227,11 @@ def load_grid(path: str | Path | None = None, overrides: Sequence[str] = ()) -> 
     if stl not in STL_MODES:
         raise ConfigError(f"stl must be one of {', '.join(STL_MODES)}; got {stl!r}")
     source = Path(path).stem if path is not None else None
-    result = Grid(base, methods, strategies, seeds, budgets, stl, source)
+    launcher = grid.get("launcher", "local")
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"launcher must be one of {', '.join(LAUNCHERS)}; got {launcher!r}")
+    options = check_submitit_options(grid.get("submitit") or {})
+    result = Grid(base, methods, strategies, seeds, budgets, stl, source, launcher, options)
     result.runs(result.out_dir())  # builds (so validates) the config of every run
     return result
 
