@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from mtlkit.app.compare.cluster import LAUNCHERS, check_submitit_options
+from mtlkit.app.compare.sweep import check_sweep, expand_sweeps
 from mtlkit.app.config import (
     BUDGET_KEYS,
     TrainConfig,
@@ -26,6 +27,7 @@ from mtlkit.app.config import (
     parse_value,
     read_config_file,
 )
+from mtlkit.app.runner import load_problem
 from mtlkit.errors import ConfigError
 from mtlkit.methods import EW, METHODS
 from mtlkit.registry import Registry, normalize_name
@@ -35,7 +37,7 @@ GRID_KEYS = ("methods", "strategies", "seeds", "budgets", "stl", "launcher", "su
 """The keys a compare config adds to a train config (``launcher``, ``submitit``: where the runs
 are trained, :mod:`mtlkit.app.compare.cluster`)."""
 STL_MODES = ("per_seed", "once")
-ENTRY_KEYS = ("name", "args", "label")
+ENTRY_KEYS = ("name", "args", "label", "preferences", "front")
 BUDGET_ABBREVIATIONS = {"forward_backward": "fb"}
 LABEL = re.compile(r"^[A-Za-z0-9_.]+$")
 BUDGET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -43,16 +45,21 @@ BUDGET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 @dataclass(frozen=True)
 class Entry:
-    """A method or strategy of the grid: registered name, constructor arguments, label."""
+    """A method or strategy of the grid: registered name, constructor arguments, label; for a
+    method, the front it belongs to and, before expansion, its preference sweep
+    (:mod:`mtlkit.app.compare.sweep`)."""
 
     name: str
     args: dict[str, Any]
     label: str
+    front: str | None = None
+    sweep: tuple[Any, ...] | int | None = None
 
     def to_config(self) -> dict[str, Any] | str:
-        if not self.args and self.label == self.name:
+        if not self.args and self.label == self.name and self.front is None:
             return self.name
-        return {"name": self.name, "args": dict(self.args), "label": self.label}
+        config = {"name": self.name, "args": dict(self.args), "label": self.label}
+        return config if self.front is None else {**config, "front": self.front}
 
 
 @dataclass(frozen=True)
@@ -216,6 +223,7 @@ def load_grid(path: str | Path | None = None, overrides: Sequence[str] = ()) -> 
     methods = _entries(
         grid.get("methods", [{"name": base.method, "args": base.method_args}]), METHODS, "methods"
     )
+    methods = expand_sweeps(methods, lambda: len(base.tasks or load_problem(base, None).tasks))
     strategies = _entries(
         grid.get("strategies", [{"name": base.strategy, "args": base.strategy_args}]),
         STRATEGIES,
@@ -272,7 +280,13 @@ def _entries(value: Any, registry: Registry[Any], key: str) -> list[Entry]:
             raise ConfigError(
                 f"{key}: label {label!r} of {name!r} may hold only letters, digits, '_' and '.'"
             )
-        entries.append(Entry(name, args, label))
+        front, sweep = item.get("front"), item.get("preferences")
+        if registry is not METHODS and (front is not None or sweep is not None):
+            raise ConfigError(f"{key}: preferences and front belong to method entries")
+        if front is not None and (not isinstance(front, str) or not LABEL.match(front)):
+            raise ConfigError(f"{key}: front {front!r} of {name!r} must be a name like a label")
+        sweep = None if sweep is None else check_sweep(name, args, sweep)
+        entries.append(Entry(name, args, label, front, sweep))
     labels = [e.label for e in entries]
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:
