@@ -44,14 +44,20 @@ def _pyplot() -> Any:
     return plt
 
 
+LOG_TEXT_COLUMNS = ("solver/message",)
+"""Columns of ``steps.csv`` that hold text (why a solver stopped), left out by read_columns."""
+
+
 def read_columns(path: Path) -> dict[str, list[float]]:
-    """A CSV log as ``{column: values}`` (empty cells become NaN)."""
+    """A CSV log as ``{column: values}`` (empty cells become NaN; the text columns left out)."""
     if not path.is_file():
         raise MtlkitError(f"{str(path)!r} does not exist: is this a run folder?")
     columns: dict[str, list[float]] = defaultdict(list)
     with open(path, newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             for key, value in row.items():
+                if key in LOG_TEXT_COLUMNS:
+                    continue
                 columns[key].append(float(value) if value not in ("", None) else math.nan)
     return dict(columns)
 
@@ -135,7 +141,7 @@ def plot_folder(folder: str | Path) -> list[Path]:
 
 # --- compare folders (mtlkit compare) -------------------------------------------------------------
 
-TEXT_COLUMNS = ("run", "method", "strategy", "budget")
+TEXT_COLUMNS = ("run", "method", "strategy", "budget", "front", "preference", "non_dominated")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", ":", "-.")
 

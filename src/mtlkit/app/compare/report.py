@@ -11,6 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from mtlkit.app.compare.folders import is_finished, read_json
+from mtlkit.app.compare.front import (
+    FRONT_COLUMNS,
+    front_markdown,
+    front_report,
+    has_fronts,
+    plot_fronts,
+)
 from mtlkit.app.compare.grid import Grid, RunSpec, format_number, stl_dir
 from mtlkit.app.config import BUDGET_KEYS, TrainConfig
 from mtlkit.app.runner import STL_BASELINE, load_baseline, make_loaders
@@ -149,6 +156,10 @@ def write_results(
     added at its end, e.g. the published tables) and, when ``plots``, the figures; return the
     paths written."""
     columns = result_columns(tasks)
+    fronts = front_report(grid, rows, tasks) if has_fronts(grid) else None
+    if fronts is not None:  # preference sweeps: hypervolume per front (app/compare/front.py)
+        rows, columns = fronts.rows, [*columns, *FRONT_COLUMNS]
+        appendix = [*front_markdown(grid, fronts), *appendix]
     with atomic_file(out_dir / "results.csv") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
@@ -171,6 +182,8 @@ def write_results(
 
         try:
             written += plot_compare(out_dir)
+            if fronts is not None:
+                written.append(plot_fronts(fronts, out_dir / "front.png"))
         except MtlkitError as error:
             if "matplotlib" not in str(error):
                 raise
