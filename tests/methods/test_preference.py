@@ -132,6 +132,7 @@ def test_epo_balance_step_moves_the_task_behind_and_on_the_ray_it_descends():
     beta, mode, status = epo_solve(G, np.array([1.0, 1.0]), np.array([0.25, 0.75]), 1e-4)
     # p ⊙ l = (0.25, 0.75): task 1 is behind the ray; the balance LP weighs it alone.
     assert mode == "balance" and status.converged and beta.tolist() == [0.0, 1.0]
+    assert status.solver == "highs balance LP" and status.message == ""
     C = np.array([[1.0, 0.5], [0.5, 2.0]])
     beta, mode, _ = epo_solve(C, np.array([3.0, 1.0]), np.array([0.25, 0.75]), 1e-4)
     # On the ray (p ⊙ l = (3/4, 3/4), μ = 0): the descent LP maximises the summed rates

@@ -96,7 +96,7 @@ def epo_solve(
         bounds=(0, None), method="highs",
     )  # fmt: skip
     if result.status == 0:
-        status = SolverStatus("highs", True, int(result.nit), 0.0, mode)
+        status = SolverStatus(f"highs {mode} LP", True, int(result.nit))
         return _on_simplex(result.x), mode, status
     why = f"{mode} LP: {result.message.strip()}"
     relaxed = linprog(
@@ -105,7 +105,7 @@ def epo_solve(
     )  # fmt: skip
     if relaxed.status != 0:
         raise RuntimeError(f"EPO: {why}; the relaxed descent LP failed too: {relaxed.message}")
-    status = SolverStatus("highs", False, int(relaxed.nit), 0.0, f"{why}; relaxed descent LP")
+    status = SolverStatus("highs relaxed LP", False, int(relaxed.nit), 0.0, f"{why}; relaxed")
     return _on_simplex(relaxed.x), "relaxed", status
 
 
@@ -131,7 +131,8 @@ class EPO(ReportsSolver, Float64GramianWeighting):
 
     With mtlkit's convention (:mod:`mtlkit.methods.preference`), a larger ``p_i`` asks for a
     smaller ``L_i``; ``p`` is the paper's ``r`` (normalised: the LP does not depend on its
-    scale). The decision's status says which LP was solved (``balance``/``descent``); a step
+    scale). The decision's status names the LP solved (``highs balance LP``, ``highs descent
+    LP``); a step
     whose LP had no solution takes the relaxed descent LP (``Cβ ≥ 0``), records it in the
     status, and is warned about once per run.
 
