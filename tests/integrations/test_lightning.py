@@ -241,6 +241,6 @@ def test_the_example_trains(tmp_path, monkeypatch):
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     monkeypatch.chdir(tmp_path)
-    accuracy = example.main("famo", epochs=1, train_size=640)
+    accuracy = example.main("famo", epochs=1, train_size=128)
     assert set(accuracy) == {"left", "right"}
     assert all(0 <= a <= 1 for a in accuracy.values())

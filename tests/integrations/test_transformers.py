@@ -123,7 +123,7 @@ def replay(trainer, start, method, features=True):
         tasks=TASKS,
         shared=None if features else start.encoder.parameters(),
     )
-    per_epoch = len(trainer.batches) // 2
+    per_epoch = 2  # 16 rows in batches of 8
     for index, batch in enumerate(trainer.batches):
         step(batch)
         if (index + 1) % per_epoch == 0:
@@ -216,3 +216,21 @@ def test_the_example_trains(tmp_path, monkeypatch):
     result = example.main("upgrad", epochs=1, train_size=64, hidden=16, layers=1)
     assert 0 <= result["marker accuracy"] <= 1
     assert 0 <= result["high mse"] < 1
+
+
+def test_resuming_from_a_checkpoint_restores_the_method_state(tmp_path):
+    first, start = train(tmp_path, methods.FAMO(), save_strategy="epoch")
+    model = tiny_model()
+    resumed = Recording(
+        model=model,
+        args=arguments(tmp_path, num_train_epochs=3, save_strategy="no"),
+        train_dataset=Rows(),
+        method=methods.FAMO(),
+        tasks=TASKS,
+    )
+    resumed.batches = []
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert len(resumed.batches) == 2 and resumed.mtl_epoch == 3
+    first.batches += resumed.batches
+    ref = replay(first, start, methods.FAMO())
+    assert distance(resumed.model, ref) < 1e-6
