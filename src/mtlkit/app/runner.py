@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from mtlkit.app.config import TrainConfig
+from mtlkit.app.config import TrainConfig, affinity_options
 from mtlkit.app.limits import check_model_size, check_sizes
 from mtlkit.app.plots import plot_run
 from mtlkit.app.validation import check_config, check_problem, check_resume
@@ -330,6 +330,7 @@ def build_run(
         amp=config.amp,
         accumulate=config.accumulate,
         on_nonfinite=config.on_nonfinite,
+        affinity=affinity_options(config),
     )
     loaders = make_loaders(problem, config)
     # Before the run's files are written (mtlkit.app.validation): the dry forward on a batch of
