@@ -33,9 +33,10 @@ from mtlkit.methods import EW, METHODS
 from mtlkit.registry import Registry, normalize_name
 from mtlkit.training.strategies import STRATEGIES
 
-GRID_KEYS = ("methods", "strategies", "seeds", "budgets", "stl", "launcher", "submitit")
+GRID_KEYS = ("methods", "strategies", "seeds", "budgets", "stl", "launcher", "submitit", "search")
 """The keys a compare config adds to a train config (``launcher``, ``submitit``: where the runs
-are trained, :mod:`mtlkit.app.compare.cluster`)."""
+are trained, :mod:`mtlkit.app.compare.cluster`; ``search``: the settings of ``--search``,
+:mod:`mtlkit.app.compare.search`)."""
 STL_MODES = ("per_seed", "once")
 ENTRY_KEYS = ("name", "args", "label", "preferences", "front")
 BUDGET_ABBREVIATIONS = {"forward_backward": "fb"}
@@ -101,6 +102,7 @@ class Grid:
     source: str | None = None  # the config file's stem, for the default output folder
     launcher: str = "local"  # local (worker processes) or submitit (SLURM jobs)
     submitit: dict[str, Any] = dataclasses.field(default_factory=dict)  # its options
+    search: dict[str, Any] | None = None  # --search's settings (mtlkit.app.compare.search)
 
     def out_dir(self) -> Path:
         """``out``, or ``runs/<config file name>`` (``runs/compare-<data>`` without a file):
@@ -161,6 +163,8 @@ class Grid:
         data["stl"] = self.stl
         if self.launcher != "local" or self.submitit:
             data["launcher"], data["submitit"] = self.launcher, dict(self.submitit)
+        if self.search is not None:
+            data["search"] = dict(self.search)
         return data
 
     def to_yaml(self) -> str:
@@ -239,7 +243,13 @@ def load_grid(path: str | Path | None = None, overrides: Sequence[str] = ()) -> 
     if launcher not in LAUNCHERS:
         raise ConfigError(f"launcher must be one of {', '.join(LAUNCHERS)}; got {launcher!r}")
     options = check_submitit_options(grid.get("submitit") or {})
-    result = Grid(base, methods, strategies, seeds, budgets, stl, source, launcher, options)
+    search = grid.get("search")
+    if search is not None:
+        from mtlkit.app.compare.search import SearchSpec  # it imports this module
+
+        SearchSpec.parse(search)  # checked before any run
+        search = dict(search)
+    result = Grid(base, methods, strategies, seeds, budgets, stl, source, launcher, options, search)
     result.runs(result.out_dir())  # builds (so validates) the config of every run
     return result
 
