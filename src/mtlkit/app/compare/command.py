@@ -30,6 +30,7 @@ from mtlkit.app.compare.report import (
     load_baselines,
     write_results,
 )
+from mtlkit.app.compare.search import search_command
 from mtlkit.app.compare.workers import Job, Outcome, execute, run_in_workers, wait_for_folder
 from mtlkit.app.config import logger_override
 from mtlkit.app.runner import STL_BASELINE, check_baseline, load_baseline, load_problem
@@ -210,6 +211,9 @@ def compare_command(args: argparse.Namespace) -> int:
     grid.submitit = check_submitit_options({**grid.submitit, **flags})
     if args.print_config:
         print(grid.to_yaml(), end="")
+        return 0
+    if getattr(args, "search", None):  # a method search instead of the grid (.search)
+        search_command(grid, args.search, echo=lambda line: print(line, flush=True))
         return 0
     start = time.perf_counter()
     try:
