@@ -386,7 +386,6 @@ class Trainer:
             self.parallel.agree(self.progress, stop)  # DDP: every rank stops at the same batch
             self._batches_seen += 1
             epoch.add(report.losses)
-            epoch.rng_after_last_batch = torch.get_rng_state()
             if logs:
                 row = {"step": self.progress.steps, "epoch": self.progress.epoch}
                 row.update({f"loss/{t}": v for t, v in report.losses.items()})
@@ -459,6 +458,8 @@ class Trainer:
         if self.out_dir is None:
             raise MtlkitError("save_checkpoint needs out_dir")
         self._check_weights()  # a checkpoint never holds a NaN/inf weight
+        if self._epoch is not None:  # mid-epoch: the random state a resume continues from
+            self._epoch.rng_after_last_batch = torch.get_rng_state()
         for log in (logs or {}).values():
             log.flush()
         path = self.out_dir / CHECKPOINT_NAME
