@@ -217,6 +217,13 @@ def add_compare_parser(commands: Any) -> None:
     compare.add_argument(
         "--print-config", action="store_true", help="print the resolved grid config and exit"
     )
+    compare.add_argument(
+        "--search",
+        choices=("halving", "grid", "ls"),
+        help="instead of the grid: a method search at a fixed epoch budget set by the config's "
+        "search key (halving: successive halving of methods x strategies; grid: all trained "
+        "full_epochs; ls: tuned linear-scalarisation weights); writes OUT/search-KIND/",
+    )
 
 
 def add_logger_argument(parser: argparse.ArgumentParser) -> None:
