@@ -8,8 +8,9 @@ checkpoint. ``mtlkit train --stl`` trains one single-task model per task and wri
 metrics to ``stl_baseline.json``; ``baseline=PATH`` (such a file) makes a run also print its
 Δm% against it. ``mtlkit toy`` runs methods on the 2-D two-objective toy; ``mtlkit plot
 RUN_DIR`` redraws a run's figures (``mtlkit train`` draws them at the end when matplotlib is
-installed). ``mtlkit compare`` runs a grid of methods x strategies x seeds (x budgets) through
-:func:`mtlkit.app.runner.run` (see :mod:`mtlkit.app.compare`). ``mtlkit train --check``
+installed, with a note before training when it is not; ``plots=true`` without it is an error
+before training). ``mtlkit compare`` runs a grid of methods x strategies x seeds (x budgets)
+through :func:`mtlkit.app.runner.run` (see :mod:`mtlkit.app.compare`). ``mtlkit train --check``
 validates a run (names, arguments, run folder, data root, sizes, one dry forward pass) and
 trains nothing.
 
@@ -35,7 +36,7 @@ from typing import Any
 
 from mtlkit.app.compare import compare_command
 from mtlkit.app.config import TrainConfig, config_keys, load_config, logger_override
-from mtlkit.app.plots import plot_folder
+from mtlkit.app.plots import plot_folder, plots_enabled, plots_note
 from mtlkit.app.runner import (
     STL_BASELINE,
     check_baseline,
@@ -352,6 +353,9 @@ def train_in(out_dir: Path, config: TrainConfig, args: argparse.Namespace, basel
             file=sys.stderr,
         )
         resume = False
+    note = plots_note(config) if is_main_process() else None
+    if note is not None:  # plots: null without matplotlib, said before training
+        print(note, file=sys.stderr)
     results = run(config, out_dir, resume=resume, problem=problem)
     if not is_main_process():
         return 0  # DDP: rank 0 reports and draws
@@ -369,7 +373,7 @@ def train_in(out_dir: Path, config: TrainConfig, args: argparse.Namespace, basel
         if last is not None:
             delta = format_delta_m(last[1], problem.tasks, baseline, config.baseline)
             print(f"mean of the last {last[0]} epochs {delta}")
-    if config.plots:
+    if plots_enabled(config):
         draw_plots(out_dir)
     print(f"results written to {out_dir}")
     return 0

@@ -71,7 +71,7 @@ class TrainConfig:
     references: list[str] | None = None  # published tables for mtlkit compare
     out: str | None = None
     progress: bool = True
-    plots: bool = True
+    plots: bool | None = None  # null: drawn where matplotlib is; true: needs it (checked first)
     track_exploration: bool = True
     checkpoint_every: int | None = None
     workers: int = 0

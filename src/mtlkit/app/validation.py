@@ -53,6 +53,7 @@ __all__ = [
     "check_device",
     "check_groups",
     "check_out_dir",
+    "check_plots",
     "check_problem",
     "check_resume",
     "matches_type",
@@ -131,6 +132,19 @@ def check_config(config: TrainConfig) -> None:
     check_device(config.device)
     if config.out is not None:
         check_out_dir(config.out)
+    check_plots(config)
+
+
+def check_plots(config: TrainConfig) -> None:
+    """``plots: true`` needs matplotlib: without it, a ConfigError naming the plot extra, before
+    anything is trained (``plots: null``, the default, draws the figures only where matplotlib
+    is installed; ``plots: false`` draws none)."""
+    from mtlkit.app.plots import missing_matplotlib
+
+    if config.plots is True:
+        why = missing_matplotlib()
+        if why is not None:
+            raise ConfigError(f"plots=true: {why}; or set plots=false (or plots=null)")
 
 
 def check_arguments(

@@ -177,7 +177,7 @@ def write_results(
     write_json_atomic(out_dir / "compare.json", meta)
     write_atomic(out_dir / "results.md", results_markdown(grid, rows, tasks, out_dir, appendix))
     written = [out_dir / "results.csv", out_dir / "results.md", out_dir / "compare.json"]
-    if grid.base.plots and rows:
+    if grid.base.plots is not False and rows:  # null: where matplotlib is (a note if not)
         from mtlkit.app.plots import plot_compare
 
         try:

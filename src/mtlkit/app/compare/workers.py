@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 
 from mtlkit.app.config import TrainConfig
+from mtlkit.app.plots import plots_enabled
 from mtlkit.app.runner import STL_BASELINE, claimed, draw_plots, run, run_stl
 from mtlkit.errors import MtlkitError
 from mtlkit.training.checkpoint import CHECKPOINT_NAME
@@ -59,7 +60,7 @@ class Outcome:
 
 def execute(job: Job, threads: int | None = None) -> Outcome:
     """Do ``job`` (in this process or in a worker): :func:`mtlkit.app.runner.run` (and the run's
-    plots when ``plots``) or :func:`mtlkit.app.runner.run_stl`. User-level failures (an
+    figures as ``plots`` says) or :func:`mtlkit.app.runner.run_stl`. User-level failures (an
     :class:`MtlkitError`, e.g. a loss that became NaN) are returned, and written to the run
     folder's ``error.txt``; a bug propagates."""
     if threads is not None:
@@ -81,7 +82,7 @@ def execute(job: Job, threads: int | None = None) -> Outcome:
                 run_stl(config, out_dir)
             else:
                 run(config, out_dir, resume=(out_dir / CHECKPOINT_NAME).is_file())
-                if config.plots:
+                if plots_enabled(config):
                     draw_plots(out_dir)
     except RunLockedError as busy:  # not ours to touch (no error.txt either)
         holder = f"process {busy.pid}" if busy.pid is not None else "another process"
