@@ -10,8 +10,9 @@ import pytest
 
 import mtlkit.app.cli as cli
 from mtlkit.app.cli import main
+from mtlkit.app.compare.grid import load_grid
 from mtlkit.app.config import TrainConfig
-from mtlkit.app.plots import plots_enabled, plots_note
+from mtlkit.app.plot_option import plots_enabled, plots_note
 from mtlkit.app.runner import run
 from mtlkit.errors import ConfigError
 
@@ -44,6 +45,8 @@ def test_plots_true_without_matplotlib_stops_before_training(no_matplotlib, tmp_
     with pytest.raises(ConfigError, match=r"plots=true: plots need matplotlib.*mtlkit\[plot\]"):
         run(config, out)
     assert not (out / "metrics.csv").exists()
+    with pytest.raises(ConfigError, match=r"mtlkit\[plot\]"):
+        load_grid(overrides=["plots=true", "methods=[ew]"])  # mtlkit compare: before any run
 
 
 def test_default_plots_without_matplotlib_trains_and_says_so_first(

@@ -36,7 +36,8 @@ from typing import Any
 
 from mtlkit.app.compare import compare_command
 from mtlkit.app.config import TrainConfig, config_keys, load_config, logger_override
-from mtlkit.app.plots import plot_folder, plots_enabled, plots_note
+from mtlkit.app.plot_option import plots_enabled, plots_note
+from mtlkit.app.plots import plot_folder
 from mtlkit.app.runner import (
     STL_BASELINE,
     check_baseline,

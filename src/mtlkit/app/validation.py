@@ -139,7 +139,7 @@ def check_plots(config: TrainConfig) -> None:
     """``plots: true`` needs matplotlib: without it, a ConfigError naming the plot extra, before
     anything is trained (``plots: null``, the default, draws the figures only where matplotlib
     is installed; ``plots: false`` draws none)."""
-    from mtlkit.app.plots import missing_matplotlib
+    from mtlkit.app.plot_option import missing_matplotlib
 
     if config.plots is True:
         why = missing_matplotlib()

@@ -28,6 +28,7 @@ from mtlkit.app.config import (
     read_config_file,
 )
 from mtlkit.app.runner import load_problem
+from mtlkit.app.validation import check_plots
 from mtlkit.errors import ConfigError
 from mtlkit.methods import EW, METHODS
 from mtlkit.registry import Registry, normalize_name
@@ -224,6 +225,7 @@ def load_grid(path: str | Path | None = None, overrides: Sequence[str] = ()) -> 
                 f"{plural}: [...]; arguments go in entries like {{name: ..., args: {{...}}}})"
             )
     base = TrainConfig(**apply_overrides(data, train_overrides))
+    check_plots(base)  # plots: true without matplotlib, before any run
     methods = _entries(
         grid.get("methods", [{"name": base.method, "args": base.method_args}]), METHODS, "methods"
     )

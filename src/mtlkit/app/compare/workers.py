@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 
 from mtlkit.app.config import TrainConfig
-from mtlkit.app.plots import plots_enabled
+from mtlkit.app.plot_option import plots_enabled
 from mtlkit.app.runner import STL_BASELINE, claimed, draw_plots, run, run_stl
 from mtlkit.errors import MtlkitError
 from mtlkit.training.checkpoint import CHECKPOINT_NAME
