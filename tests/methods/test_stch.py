@@ -118,7 +118,7 @@ def test_arguments_and_inputs():
     with pytest.warns(RuntimeWarning, match="no losses"):
         method.on_epoch_end(1)
     assert method.phase == "stch" and method.nadir.tolist() == [1.0, 2.0]
-    assert repr(method) == "STCH(mu=1.0, warmup_epochs=0)"
+    assert repr(method) == "STCH(mu=1.0, warmup_epochs=0, preference=None)"
 
 
 def test_state_round_trip_and_reset():
@@ -143,3 +143,36 @@ def test_through_the_engine(epochs):
         return method
 
     check_loss_engine_routes(make)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 5), st.floats(0.05, 5.0), st.integers(0, 2**31 - 1))
+def test_preference_weights_are_the_gradient_of_the_weighted_objective(m, mu, seed):
+    """F = m μ logsumexp(λ ⊙ f / μ), λ = m p: the paper's weighted smooth Tchebycheff."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.exp(torch.randn(m, generator=gen, dtype=F64))
+    nadir = torch.exp(torch.randn(m, generator=gen, dtype=F64))
+    p = torch.rand(m, generator=gen, dtype=F64) + 0.1
+    p = p / p.sum()
+    leaf = values.clone().requires_grad_(True)
+    F = m * mu * torch.logsumexp(m * p * (leaf / nadir).log() / mu, dim=0)
+    expected = torch.autograd.grad(F, leaf)[0]
+    torch.testing.assert_close(stch_weights(values, nadir, mu, p), expected, rtol=1e-12, atol=0)
+    method = STCH(mu=mu, warmup_epochs=0, num_tasks=m, preference=(3 * p).tolist())
+    method.epochs.fill_(1)
+    method.nadir.copy_(nadir)
+    torch.testing.assert_close(method(values).weights, expected, rtol=1e-12, atol=0)
+
+
+def test_uniform_preference_is_the_authors_objective_and_small_mu_follows_the_preference():
+    values, nadir = torch.tensor([2.0, 3.0], dtype=F64), torch.ones(2, dtype=F64)
+    plain = stch_weights(values, nadir, 0.5)
+    uniform = stch_weights(values, nadir, 0.5, torch.tensor([0.5, 0.5], dtype=F64))
+    torch.testing.assert_close(uniform, plain, rtol=1e-15, atol=0)
+    # f = (log 2, log 3); with p = (0.8, 0.2), λ ⊙ f = (1.11, 0.44): task 0 is the active one.
+    w = stch_weights(values, nadir, 0.01, torch.tensor([0.8, 0.2], dtype=F64))
+    assert w[0] == pytest.approx(2 * 1.6 / 2.0, rel=1e-12) and float(w[1]) < 1e-20
+    with pytest.raises(ValueError, match="preference of 3 entries"):
+        STCH(preference=[1.0, 1.0, 1.0]).setup(2)
+    with pytest.raises(ConfigError, match=r"'stch'.*preference"):
+        methods.get("stch", preference=[1.0, -1.0])

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from mtlkit.methods.base import WeightedLoss
+from mtlkit.methods.preference import check_preference, preference_vector
 from mtlkit.methods.registry import METHODS
 from mtlkit.methods.weighting import (
     POSITIVE_HINT,
@@ -20,11 +22,17 @@ from mtlkit.methods.weighting import (
 F64 = torch.float64
 
 
-def stch_weights(values: Tensor, nadir: Tensor, mu: float) -> Tensor:
-    """The gradient-equivalent weights ``∂F/∂L_i = m · softmax(f / μ)_i / L_i`` of
-    ``F = m · μ · logsumexp(f / μ)`` with ``f_i = log(L_i / z_i)`` (all positive)."""
+def stch_weights(
+    values: Tensor, nadir: Tensor, mu: float, preference: Tensor | None = None
+) -> Tensor:
+    """The gradient-equivalent weights ``∂F/∂L_i = m · softmax(λ ⊙ f / μ)_i · λ_i / L_i`` of
+    ``F = m · μ · logsumexp(λ ⊙ f / μ)`` with ``f_i = log(L_i / z_i)`` (all positive) and
+    ``λ = m p`` for the normalised preference ``p`` (``None``: ``λ = 1``, the authors' code)."""
     normalized = (values / nadir).log()
-    return values.numel() * torch.softmax(normalized / mu, dim=0) / values
+    if preference is None:
+        return values.numel() * torch.softmax(normalized / mu, dim=0) / values
+    scale = values.numel() * preference.to(values)
+    return values.numel() * torch.softmax(scale * normalized / mu, dim=0) * scale / values
 
 
 @METHODS.register("stch")
@@ -51,11 +59,18 @@ class STCH(TaskStateWeighting):
     ``w_i = m · softmax(f / μ)_i / L_i``, so ``Σ_i w_i L_i`` has exactly the gradient of ``F``;
     they concentrate on the task farthest above its nadir as ``μ → 0``.
 
+    With a ``preference`` ``p`` (normalised to sum 1), the paper's weighted form
+    ``μ log Σ_i exp(λ_i f_i / μ)`` is used with ``λ = m p``, so that the uniform preference is the
+    authors' code exactly; as for :class:`~mtlkit.methods.preference.Tchebycheff` (its limit
+    ``μ → 0``), a larger ``p_i`` asks for a smaller ``L_i`` (the ray ``p_i f_i`` equal).
+
     Args:
         mu: smoothing ``μ > 0`` (1 in the authors' code).
         warmup_epochs: epochs before the nadir-estimation epoch (4 in the authors' code; 0 makes
             the first epoch the estimation epoch).
         num_tasks: number of tasks; if ``None``, set by ``setup`` or by the first call.
+        preference: ``p_i > 0`` per task (normalised to sum 1), used in the STCH phase (the
+            warm-up is the authors' unweighted one); ``None``: unweighted.
 
     Raises:
         ConfigError: (a ``ValueError``) if a loss is ``≤ 0`` (both objectives take its log).
@@ -64,9 +79,14 @@ class STCH(TaskStateWeighting):
     size_key = "nadir"
 
     def __init__(
-        self, mu: float = 1.0, warmup_epochs: int = 4, num_tasks: int | None = None
+        self,
+        mu: float = 1.0,
+        warmup_epochs: int = 4,
+        num_tasks: int | None = None,
+        preference: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
+        self.preference = check_preference(preference)
         if not (math.isfinite(mu) and mu > 0):
             raise ValueError(f"mu must be > 0 and finite, got {mu}")
         if isinstance(warmup_epochs, bool) or int(warmup_epochs) != warmup_epochs:
@@ -79,6 +99,7 @@ class STCH(TaskStateWeighting):
             self.setup(num_tasks)
 
     def init_state(self, num_tasks: int) -> None:
+        preference_vector(self.preference, num_tasks, self)  # the count checked
         self.register_buffer("nadir", torch.ones(num_tasks, dtype=F64))
         self.register_buffer("nadir_sum", torch.zeros(num_tasks, dtype=F64))
         self.register_buffer("epoch_steps", torch.zeros((), dtype=torch.long))
@@ -104,7 +125,10 @@ class STCH(TaskStateWeighting):
         phase = self.phase
         self.epoch_steps += 1
         if phase == "stch":
-            weights = stch_weights(values.to(F64), self.nadir, self.mu)
+            p = None
+            if self.preference is not None:
+                p = preference_vector(self.preference, values.numel(), self).to(values.device)
+            weights = stch_weights(values.to(F64), self.nadir, self.mu, p)
             return WeightedLoss(weights.to(losses.dtype))
         if phase == "nadir":
             self.nadir_sum += values.to(F64)
