@@ -1,6 +1,6 @@
 """``plots`` and the optional matplotlib: ``plots: true`` without it is an error naming the plot
 extra before anything is trained; ``plots: null`` (the default) says so before training and
-trains."""
+trains; ``mtlkit.app.runner.run`` draws the figures as ``plots`` says."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import mtlkit.app.cli as cli
+import mtlkit.app.runner as runner
 from mtlkit.app.cli import main
 from mtlkit.app.compare.grid import load_grid
 from mtlkit.app.config import TrainConfig
@@ -68,3 +69,15 @@ def test_default_plots_without_matplotlib_trains_and_says_so_first(
     assert (out / "summary.json").is_file() and not list(out.glob("*.png"))
     assert "results written to" in capsys.readouterr().out
     assert plots_note(TrainConfig(plots=False)) is None  # plots=false: nothing to say
+
+
+def test_run_draws_the_figures_as_plots_says(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    drawn = []
+    monkeypatch.setattr(runner, "plot_run", lambda folder: drawn.append(folder) or [])
+    base = {"steps": 1, "epochs": None, "data_args": {"n_train": 32, "n_val": 16, "n_test": 16}}
+    for plots in (True, None, False):
+        out = tmp_path / f"run-{plots}"
+        run(TrainConfig(**base, plots=plots, progress=False, out=str(out)), out)
+        assert (out / "summary.json").is_file()
+    assert drawn == [tmp_path / "run-True", tmp_path / "run-None"]

@@ -357,7 +357,7 @@ def train_in(out_dir: Path, config: TrainConfig, args: argparse.Namespace, basel
     note = plots_note(config) if is_main_process() else None
     if note is not None:  # plots: null without matplotlib, said before training
         print(note, file=sys.stderr)
-    results = run(config, out_dir, resume=resume, problem=problem)
+    results = run(config, out_dir, resume=resume, problem=problem, figures=False)  # drawn below
     if not is_main_process():
         return 0  # DDP: rank 0 reports and draws
     epoch, select, val = selected_results(out_dir)

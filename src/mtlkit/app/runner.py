@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from mtlkit.app.config import TrainConfig, affinity_options
 from mtlkit.app.limits import check_model_size, check_sizes
+from mtlkit.app.plot_option import plots_enabled
 from mtlkit.app.plots import plot_run
 from mtlkit.app.validation import check_config, check_problem, check_resume
 from mtlkit.architectures import build
@@ -56,8 +57,8 @@ from mtlkit.training.trainer import Budget, Results, Trainer
 
 
 def draw_plots(out_dir: Path) -> None:
-    """The run's figures (``mtlkit.app.plots``); without matplotlib, say so and go on (the results
-    are written already; ``mtlkit plot RUN_DIR`` draws them later)."""
+    """The run's figures (``mtlkit.app.plots``); if matplotlib fails to draw them, say so and go
+    on (the results are written already; ``mtlkit plot RUN_DIR`` draws them later)."""
     try:
         plot_run(out_dir)
     except MtlkitError as error:
@@ -203,12 +204,16 @@ def run(
     resume: bool = False,
     problem: Problem | None = None,
     overwrite: bool = False,
+    figures: bool = True,
 ) -> Results:
     """Train and test one model as ``config`` says (continuing from ``out_dir``'s checkpoint
     when ``resume``); return the test results (the selected model's validation results go to
     ``summary.json`` too, key ``val``). ``problem``: the data, already loaded by
     :func:`load_problem` (loaded here otherwise). ``out_dir`` is claimed for the run
-    (:func:`claimed`; ``overwrite`` replaces what it holds)."""
+    (:func:`claimed`; ``overwrite`` replaces what it holds). With ``figures``, the run's
+    figures are drawn into ``out_dir`` at the end as ``config.plots`` says
+    (:func:`~mtlkit.app.plot_option.plots_enabled`; ``plots: true`` without matplotlib is refused
+    before training)."""
     torch.manual_seed(config.seed)
     init_from_env(config.device)  # under torchrun: the process group of the run (DDP)
     check_config(config)
@@ -226,6 +231,8 @@ def run(
             last = mean_of_last_epochs(trainer.history, trainer.tasks, k)
             trainer.results[last_k_split(k)] = last
             trainer.write_summary()
+        if figures and out_dir is not None and is_main_process() and plots_enabled(config):
+            draw_plots(out_dir)
         trainer.close()  # the tracker runs of config.loggers get the result files
         return results
 
@@ -402,7 +409,7 @@ def _stl_task(config: TrainConfig, task_dir: Path, overwrite: bool, announce: bo
     if announce:
         how = " (resumed)" if resume else ""
         print(f"stl: task {config.tasks[0]!r} -> {task_dir}{how}", flush=True)
-    return run(config, task_dir, resume=resume, overwrite=overwrite)
+    return run(config, task_dir, resume=resume, overwrite=overwrite, figures=False)
 
 
 def load_baseline(path: str | Path) -> Results:

@@ -27,8 +27,7 @@ from typing import Any, Literal
 import torch
 
 from mtlkit.app.config import TrainConfig
-from mtlkit.app.plot_option import plots_enabled
-from mtlkit.app.runner import STL_BASELINE, claimed, draw_plots, run, run_stl
+from mtlkit.app.runner import STL_BASELINE, claimed, run, run_stl
 from mtlkit.errors import MtlkitError
 from mtlkit.training.checkpoint import CHECKPOINT_NAME
 from mtlkit.training.logs import WriteError, write_atomic
@@ -81,9 +80,7 @@ def execute(job: Job, threads: int | None = None) -> Outcome:
             if stl:
                 run_stl(config, out_dir)
             else:
-                run(config, out_dir, resume=(out_dir / CHECKPOINT_NAME).is_file())
-                if plots_enabled(config):
-                    draw_plots(out_dir)
+                run(config, out_dir, resume=(out_dir / CHECKPOINT_NAME).is_file())  # + figures
     except RunLockedError as busy:  # not ours to touch (no error.txt either)
         holder = f"process {busy.pid}" if busy.pid is not None else "another process"
         return Outcome(job.name, "busy", time.perf_counter() - start, f"in use by {holder}")
