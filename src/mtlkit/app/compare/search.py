@@ -355,7 +355,10 @@ def search_command(
         "select": grid.base.select,
         "ranking": [r["arm"] for r in rows],
         "arms": rows,
-        "budget": spec.epochs if kind != "grid" else sum(r["epochs"] for r in rows),
+        # epochs in all: ls's budget is per seed, the grid's is what it spent
+        "budget": {"halving": spec.epochs, "ls": (spec.epochs or 0) * len(grid.seeds)}.get(
+            kind, sum(r["epochs"] for r in rows)
+        ),
         "epochs": sum(r["epochs"] for r in rows),
         "forward_backward": sum(r["forward_backward"] for r in rows),
         **extra,
