@@ -203,3 +203,32 @@ def test_heat_map_is_written(tmp_path):
     )
     trainer.fit(data())
     assert (tmp_path / "affinity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_affinity_state_is_in_the_checkpoint(tmp_path):
+    def trainer(epochs, out):
+        return Trainer(
+            linear_hps(),
+            tasks(),
+            Alternating(groups=AffinityGroups(2, warmup=1)),
+            optimizer("sgd", lr=0.1),
+            budget=Budget(epochs=epochs),
+            progress=False,
+            checkpoint_every=10**9,  # the end-of-fit checkpoint only
+            affinity=AffinityOptions(every=2, kinds=("tag",), plot=False),
+            out_dir=out,
+        )
+
+    first = trainer(1, tmp_path / "run")
+    first.fit(data(n=64))
+    resumed = trainer(2, tmp_path / "run")
+    resumed.fit(data(n=64), resume=True)
+    assert [e for e, _ in resumed.affinity.history] == [1, 2]
+    torch.testing.assert_close(
+        resumed.affinity.history[0][1]["tag"], first.affinity.history[0][1]["tag"]
+    )
+    assert resumed.affinity.total_count == 4 and resumed.affinity.cost["measurements"] == 4
+    assert resumed.strategy.schedule.selections == first.strategy.schedule.selections
+    with open(tmp_path / "run" / "affinity.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert [r[0] for r in rows[1:]] == ["1"] * 4 + ["2"] * 4
