@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from mtlkit.app.compare.cluster import LAUNCHERS, check_submitit_options
+from mtlkit.app.compare.search_spec import SearchSpec
 from mtlkit.app.compare.sweep import check_sweep, expand_sweeps
 from mtlkit.app.config import (
     BUDGET_KEYS,
@@ -247,8 +248,6 @@ def load_grid(path: str | Path | None = None, overrides: Sequence[str] = ()) -> 
     options = check_submitit_options(grid.get("submitit") or {})
     search = grid.get("search")
     if search is not None:
-        from mtlkit.app.compare.search import SearchSpec  # it imports this module
-
         SearchSpec.parse(search)  # checked before any run
         search = dict(search)
     result = Grid(base, methods, strategies, seeds, budgets, stl, source, launcher, options, search)
