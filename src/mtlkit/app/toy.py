@@ -33,9 +33,13 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import csv
+import datetime
+import io
 import itertools
 import math
 import multiprocessing
+import os
+import platform
 import re
 import time
 import warnings
@@ -52,6 +56,7 @@ from torch import Tensor
 from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.methods import METHODS, Method
 from mtlkit.training.diagnostics import status_label
+from mtlkit.training.logs import write_atomic
 from mtlkit.training.step import Step
 
 STARTS: tuple[tuple[float, float], ...] = (
@@ -403,18 +408,29 @@ def markdown_table(rows: Sequence[dict[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_tables(runs: Sequence[ToyRun], out_dir: Path, *, steps: int, scale: float) -> None:
-    """``toy.csv`` (one row per run) and ``toy.md`` (per-method summary, then every run)."""
+def write_tables(
+    runs: Sequence[ToyRun],
+    out_dir: Path,
+    *,
+    steps: int,
+    scale: float,
+    lr: float = 1e-3,
+    provenance: str = "",
+) -> None:
+    """``toy.csv`` (one row per run) and ``toy.md`` (per-method summary, then every run), each
+    written atomically; ``provenance``: a line for ``toy.md`` (the command, date, machine)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = table_rows(runs)
-    with (out_dir / "toy.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(out_dir / "toy.csv", table.getvalue())
     text = [
         "# The two-objective toy",
         "",
-        f"{steps} Adam steps (lr 1e-3) per run, L1 scaled by {scale:g}. On the front: the end "
+        *([provenance, ""] if provenance else []),
+        f"{steps} Adam steps (lr {lr:g}) per run, L1 scaled by {scale:g}. On the front: the end "
         f"point is within {FRONT_TOLERANCE} of the Pareto set (x1 in [-7, 7], x2 from -8.3551 "
         "to -8.4345).",
         "",
@@ -425,7 +441,17 @@ def write_tables(runs: Sequence[ToyRun], out_dir: Path, *, steps: int, scale: fl
         "",
         markdown_table(rows),
     ]
-    (out_dir / "toy.md").write_text("\n".join(text), encoding="utf-8")
+    write_atomic(out_dir / "toy.md", "\n".join(text))
+
+
+def provenance_line(argv: Sequence[str], jobs: int) -> str:
+    """``command: ..., date: ..., machine: ...`` for a results file."""
+    machine = (
+        f"{platform.node()}, {os.cpu_count()} CPU(s), {jobs} process(es) of "
+        f"{1 if jobs > 1 else torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+    )
+    when = datetime.datetime.now().isoformat(timespec="seconds")
+    return f"command: `mtlkit toy {' '.join(argv)}`; date: {when}; machine: {machine}"
 
 
 def plot_runs(
@@ -573,7 +599,13 @@ def toy_command(args: argparse.Namespace) -> int:
         scale=args.scale,
         lr=args.lr,
     )
-    write_tables(runs, args.out, steps=args.steps, scale=args.scale)
+    options = [f"--steps {args.steps}", f"--scale {args.scale:g}", f"--lr {args.lr:g}"]
+    options += [f"--methods {','.join(methods)}"] if methods else []
+    options += [f'--starts "{args.starts}"'] if args.starts else []
+    provenance = provenance_line([*options, f"--jobs {args.jobs}", f"--out {args.out}"], args.jobs)
+    write_tables(
+        runs, args.out, steps=args.steps, scale=args.scale, lr=args.lr, provenance=provenance
+    )
     print(markdown_table(summary_rows(runs)), end="")
     if not args.no_plot:
         plot_runs(runs, args.out / "toy.png", scale=args.scale)
