@@ -413,7 +413,8 @@ def read_affinity_csv(path: str | Path) -> dict[int, dict[str, Tensor]]:
 
 
 def plot_affinity(entry: tuple[int, dict[str, Tensor]], tasks: Sequence[str], path: Path) -> None:
-    """One heat-map per kind of the epoch's matrices (source rows, target columns)."""
+    """One heat-map per kind of the epoch's matrices (source rows, target columns), the colour
+    scale set by the off-diagonal entries (the self-affinities would flatten it)."""
     plt = require_matplotlib()
     epoch, matrices = entry
     m = len(tasks)
@@ -421,7 +422,8 @@ def plot_affinity(entry: tuple[int, dict[str, Tensor]], tasks: Sequence[str], pa
     fig, axes = plt.subplots(1, len(matrices), figsize=(size * len(matrices), size), squeeze=False)
     for ax, (kind, matrix) in zip(axes[0], matrices.items()):
         values = matrix.numpy()
-        bound = float(abs(values).max()) or 1.0
+        off = matrix[~torch.eye(m, dtype=torch.bool)] if m > 1 else matrix.flatten()
+        bound = float(off.abs().max()) or 1.0  # the diagonal (self-affinity) saturates
         image = ax.imshow(values, cmap="RdBu_r", vmin=-bound, vmax=bound)
         ax.set_title(f"{kind} affinity, epoch {epoch}")
         ax.set_xlabel("target task j")
