@@ -232,3 +232,39 @@ def test_affinity_state_is_in_the_checkpoint(tmp_path):
     with open(tmp_path / "run" / "affinity.csv", newline="") as handle:
         rows = list(csv.reader(handle))
     assert [r[0] for r in rows[1:]] == ["1"] * 4 + ["2"] * 4
+
+
+def test_config_keys_reach_the_trainer_and_are_checked():
+    from mtlkit.app.config import TrainConfig
+    from mtlkit.app.runner import build_run
+
+    small = {"n_train": 128, "n_val": 64, "n_test": 64}
+    grouped = {"affinity_groups": 2, "affinity": "cosine", "affinity_warmup": 2}
+    config = TrainConfig(
+        strategy="alternating",
+        strategy_args=grouped,
+        data_args=small,
+        affinity_every=3,
+        affinity_kinds=["cosine"],
+        affinity_plot=False,
+        progress=False,
+    )
+    trainer, _ = build_run(config, None)
+    assert trainer.affinity.options == AffinityOptions(3, ("cosine",), plot=False)
+    spec = trainer.strategy.group_spec
+    assert (spec.k, spec.affinity, spec.warmup) == (2, "cosine", 2)
+    without = TrainConfig(strategy="alternating", strategy_args=grouped, data_args=small)
+    with pytest.raises(ConfigError, match="affinity_every"):
+        build_run(without, None)
+    with pytest.raises(ConfigError, match="exceeds the 3 tasks"):
+        build_run(
+            TrainConfig(
+                strategy="alternating",
+                strategy_args={"affinity_groups": 4},
+                data_args=small,
+                affinity_every=1,
+            ),
+            None,
+        )
+    with pytest.raises(ConfigError, match="affinity_lookahead need affinity_every"):
+        TrainConfig(affinity_lookahead="optimizer")
