@@ -13,7 +13,10 @@ differ in cost per epoch.
   trains ``floor(epochs / (R n_r S))`` more epochs on each of the ``S`` seeds (continuing from its
   checkpoint), is scored on the validation split (the config's ``select`` criterion of its
   selected model, mean over seeds; lower is better), and the best ``ceil(n_r / eta)`` go on.
-  The ranking: by the round an arm reached, then by its score there.
+  The ranking: by the round an arm reached, then by its score there. A survivor trained on from
+  its end-of-run checkpoint is not the same run as one trained straight to those epochs (the
+  first epoch after the resume repeats the shuffle order of the first epoch:
+  ``benchmarks/results/search_multidigits.md``).
 * ``grid``: every arm trained ``full_epochs`` on every seed (the full grid the halving ranking
   is checked against), ranked by score.
 * ``ls``: a tuned fixed-weight baseline: linear scalarisation ``Σ_i w_i L_i`` (``ls``) with
