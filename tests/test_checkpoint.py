@@ -30,7 +30,9 @@ class Crash(Exception):
     pass
 
 
-def make_trainer(out_dir, strategy_name: str, crash_at: int | None = None, **kwargs):
+def make_trainer(
+    out_dir, strategy_name: str, crash_at: int | None = None, epochs: int = 3, **kwargs
+):
     torch.manual_seed(0)
     problem = DATASETS.get("multidigits", seed=0, **SMALL)
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(96, 32), nn.ReLU(), nn.Dropout(0.2))
@@ -53,7 +55,7 @@ def make_trainer(out_dir, strategy_name: str, crash_at: int | None = None, **kwa
         problem.tasks,
         strategy,
         optimizer("adam", lr=3e-3, scheduler="step", step_size=1, gamma=0.7),
-        budget=Budget(epochs=3),
+        budget=Budget(epochs=epochs),
         out_dir=out_dir,
         progress=False,
         **kwargs,
@@ -89,6 +91,24 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, strategy
         assert len(ref_rows) == len(run_rows)
         if name == "steps.csv":  # no timings in it: identical
             assert ref_rows == run_rows
+
+
+@pytest.mark.parametrize("strategy", ["joint_pcgrad", "alternating"])
+def test_a_finished_run_trained_on_continues_the_shuffling_order(tmp_path, strategy):
+    """A finished run resumed with a larger budget (its last checkpoint: "the last weights, to
+    train on later") takes the steps of a straight run: epoch 3 draws a new order from the
+    loader's own generator, not the first epoch's again (a rebuilt loader's fresh generator)."""
+    reference, data = make_trainer(tmp_path / "ref", strategy, select="last")
+    reference.fit(data["train"], data["val"])
+    first, data = make_trainer(
+        tmp_path / "run", strategy, epochs=2, select="last", checkpoint_every=100
+    )
+    first.fit(data["train"], data["val"])
+    more, data = make_trainer(tmp_path / "run", strategy, select="last", checkpoint_every=100)
+    more.fit(data["train"], data["val"], resume=True)
+    assert more.progress.epoch == 3 and more.progress.steps == reference.progress.steps
+    for a, b in zip(reference.model.state_dict().values(), more.model.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tmp_path):

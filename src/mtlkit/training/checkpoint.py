@@ -21,7 +21,6 @@ differing entries. Its schema (:data:`TRAINER_SCHEMA`) is checked before anythin
 
 from __future__ import annotations
 
-import math
 import pickle
 import re
 import warnings
@@ -140,7 +139,12 @@ TRAINER_SCHEMA: dict[str, Any] = {
     "history": list,
     "results": dict,
     "epoch": (dict, None),
-    "position": {"loader_states": list, "global_state": (torch.Tensor, None), "consumed": int},
+    "position": {
+        "loader_states": list,
+        "global_state": (torch.Tensor, None),
+        "consumed": int,
+        "states_at_save": list,
+    },
     "extra_batches": dict,
     "rng": torch.Tensor,
     "log_rows": dict,
@@ -156,6 +160,10 @@ TRAINER_SCHEMA: dict[str, Any] = {
         "seed": int,
     },
 }
+
+
+OPTIONAL_ENTRIES = frozenset({"position.states_at_save"})
+"""Entries of :data:`TRAINER_SCHEMA` that checkpoints of earlier versions (same format) lack."""
 
 
 def check_trainer_state(state: Mapping[str, Any], path: str | Path) -> None:
@@ -223,6 +231,8 @@ def _check_entries(
     for key, kind in schema.items():
         name = f"{prefix}{key}"
         if key not in state:
+            if name in OPTIONAL_ENTRIES:
+                continue
             raise MtlkitError(f"{where} is damaged or not a Trainer checkpoint: no entry {name!r}")
         value = state[key]
         if isinstance(kind, dict):
@@ -284,11 +294,24 @@ class LoaderPosition:
     loader_states: list[torch.Tensor | None] = field(default_factory=list)
     global_state: torch.Tensor | None = None
     consumed: int = 0
+    states_at_save: list[torch.Tensor | None] = field(default_factory=list)
+    _loader: Any = field(default=None, repr=False, compare=False)
 
     def begin(self, loader: Any) -> None:
         self.loader_states = [None if g is None else g.get_state() for g in generators(loader)]
         self.global_state = torch.get_rng_state()
         self.consumed = 0
+        self._loader = loader
+
+    def continue_generators(self, loader: Any) -> None:
+        """Resumed at an epoch boundary (a finished run trained on): set the loader generators
+        to their states when the checkpoint was saved, so that the next epoch draws a new order
+        (a rebuilt loader's fresh generator would repeat the first epoch's)."""
+        gens = generators(loader)
+        if len(gens) == len(self.states_at_save):
+            for gen, state in zip(gens, self.states_at_save):
+                if gen is not None and state is not None:
+                    gen.set_state(state)
 
     def replay(self, loader: Iterable[Any]) -> Any:
         """An iterator over ``loader`` positioned after the consumed batches."""
@@ -315,13 +338,16 @@ class LoaderPosition:
         return iterator
 
     def state_dict(self) -> dict[str, Any]:
+        now = [] if self._loader is None else generators(self._loader)
         return {
             "loader_states": self.loader_states,
             "global_state": self.global_state,
             "consumed": self.consumed,
+            "states_at_save": [None if g is None else g.get_state() for g in now],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader_states = list(state["loader_states"])
         self.global_state = state["global_state"]
         self.consumed = int(state["consumed"])
+        self.states_at_save = list(state.get("states_at_save", []))  # absent in older checkpoints

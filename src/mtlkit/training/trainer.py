@@ -252,6 +252,8 @@ class Trainer:
         log_rows: dict[str, int] | None = None
         if resume:
             position, log_rows = restore_trainer(self, self._checkpoint_path(resume))
+            if self._epoch is None:  # at an epoch boundary: the next epoch's order continues
+                position.continue_generators(train)
         if self.out_dir is not None:  # temporary files of writes that a kill interrupted
             remove_partial_files(self.out_dir)
         try:
