@@ -171,7 +171,10 @@ def test_grid_config_runs_each_method_and_strategy_for_one_step(path, tmp_path):
 @pytest.mark.parametrize(
     "path", [p for p in TRAIN_CONFIGS if load_config(p).data in FIXTURES], ids=lambda p: p.stem
 )
-def test_the_data_root_is_left_to_the_user_with_one_clear_error(path, capsys):
+def test_the_data_root_is_left_to_the_user_with_one_clear_error(
+    path, capsys, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # no runs/ folder in the checkout
     assert "root" not in (yaml.safe_load(path.read_text()).get("data_args") or {})
     assert "data_args.root=PATH" in path.read_text()  # the header says how to give it
     assert main(["train", "--config", str(path), "--no-progress"]) == 2
@@ -179,3 +182,4 @@ def test_the_data_root_is_left_to_the_user_with_one_clear_error(path, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith(f"mtlkit: error: dataset '{load_config(path).data}' needs data_args.root")
     assert "--data-root PATH" in err
+    assert list((tmp_path / "runs").iterdir()) == []  # the new run folder is removed again

@@ -124,6 +124,16 @@ def test_an_output_folder_that_cannot_be_made(tmp_path, capsys):
     assert code == 2 and not (tmp_path / "a").exists()  # the probe leaves nothing behind
 
 
+def test_a_failed_run_leaves_no_new_runs_folder(tmp_path, capsys, monkeypatch):
+    """Without out=, the run's folder runs/<name> is made before the claim; a config error found
+    with the data (Krum on 3 tasks) removes it again, and the next run takes the same name."""
+    monkeypatch.chdir(tmp_path)
+    code, _ = run_cli(["train", *TINY, "method=krum"], capsys)
+    assert code == 2 and list((tmp_path / "runs").iterdir()) == []
+    code, _ = run_cli(["train", *TINY, "method=krum"], capsys)
+    assert code == 2 and list((tmp_path / "runs").iterdir()) == []
+
+
 def test_ctrl_c_outside_training_is_no_traceback(tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

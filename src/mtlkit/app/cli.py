@@ -316,7 +316,8 @@ def train_command(args: argparse.Namespace) -> int:
     create = config.out is None and is_main_process()  # a new runs/ folder, made at once
     out_dir = from_rank_zero(resolve_out_dir(config, create=create))
     try:
-        with claimed(out_dir, config, resume=args.resume is not None, overwrite=args.overwrite):
+        resume = args.resume is not None
+        with claimed(out_dir, config, resume=resume, overwrite=args.overwrite, created=create):
             return train_in(out_dir, config, args, baseline)
     except TrainingInterrupted as stop:
         if is_main_process():  # DDP: rank 0 wrote the checkpoint and reports it

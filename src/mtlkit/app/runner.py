@@ -104,6 +104,7 @@ def claimed(
     overwrite: bool = False,
     finished: Callable[[Path], bool] = is_finished_run,
     adopt: bool = False,
+    created: bool = False,
 ) -> Iterator[None]:
     """Hold the run folder ``out_dir`` for the ``with`` block
     (:func:`mtlkit.training.run_dir.claim_run_dir`, with its arguments; nothing for ``None``).
@@ -122,6 +123,7 @@ def claimed(
                     overwrite=overwrite,
                     finished=finished,
                     adopt=adopt,
+                    created=created,
                 )
             )
         )

@@ -377,6 +377,7 @@ def claim_run_dir(
     overwrite: bool = False,
     finished: Callable[[Path], bool] = is_finished_run,
     adopt: bool = False,
+    created: bool = False,
 ) -> Iterator[RunMarker]:
     """Take ``folder`` for one run (see the module docstring) and hold its lock until the
     ``with`` block ends; yield the folder's marker. A folder this process holds already is
@@ -390,6 +391,8 @@ def claim_run_dir(
         adopt: take the run folder with whatever run it holds (``mtlkit compare``, which then
             skips a finished run and resumes an interrupted one under the lock); a new folder
             or an empty one becomes a new run.
+        created: the caller made ``folder`` (empty) for this run (a new ``runs/`` folder): a
+            claim that fails before the run writes a file removes it, as one it made itself.
 
     Raises:
         ConfigError: for a folder that is not mtlkit's, or holds a run that would be lost.
@@ -403,6 +406,8 @@ def claim_run_dir(
         return
     _refuse_foreign(folder, resume, overwrite)
     made = _missing_ancestors(folder)
+    if created and not made and not any(folder.iterdir()):
+        made = [folder]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
