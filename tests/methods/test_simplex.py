@@ -54,6 +54,20 @@ def test_known_values_batches_and_idempotence() -> None:
     assert project_simplex(torch.tensor([0.1, 0.2], dtype=torch.float32)).dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_values_far_above_the_radius(dtype: torch.dtype) -> None:
+    """SDMGrad's weights reached [8.3e21, 2.5e11] on a badly scaled trajectory (the fuzz test of
+    issue 19): ``u_1 - (u_1 - 1)`` rounded to 0, no rank held and the threshold was gathered at
+    index -1 (RuntimeError). The projection is a vertex there, and shifting all values by one
+    constant changes nothing."""
+    v = torch.tensor([8.2628e21, 2.5008e11], dtype=dtype)
+    assert project_simplex(v).tolist() == [1.0, 0.0]
+    tie = torch.tensor([3e30, 3e30 - 2e15, 3e30, -1.0], dtype=F64)  # 2e15 apart: far, too
+    assert project_simplex(tie).tolist() == [0.5, 0.0, 0.5, 0.0]
+    shifted = torch.tensor([0.2, 0.3, 0.5, -1.0], dtype=F64)
+    assert torch.allclose(project_simplex(shifted + 1e6), project_simplex(shifted), atol=1e-9)
+
+
 def test_bad_input() -> None:
     with pytest.raises(NonFiniteError):
         project_simplex(torch.tensor([1.0, float("nan")]))
