@@ -41,7 +41,10 @@ runs), :mod:`~mtlkit.app.compare.folders` (finished runs, same-config checks),
 :mod:`~mtlkit.app.compare.workers` (jobs and the worker pool), :mod:`~mtlkit.app.compare.report`
 (rows, ``results.csv``/``results.md``/``compare.json``, statistics),
 :mod:`~mtlkit.app.compare.references` (the published tables of the ``references`` key, beside
-the results in ``results.md`` and ``references.csv``) and
+the results in ``results.md`` and ``references.csv``), :mod:`~mtlkit.app.compare.sweep` (a
+method entry's ``preferences``: one run per preference vector, one front) and
+:mod:`~mtlkit.app.compare.front` (each front's hypervolume, spread and non-dominated runs, in
+``results.csv``/``results.md`` and ``front.png``) and
 :mod:`~mtlkit.app.compare.command` (:func:`run_grid` and the subcommand).
 """
 
