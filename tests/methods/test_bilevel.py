@@ -240,6 +240,38 @@ def test_moml_weights_are_a_softmax_and_follow_adam():
     assert float(weights.sum()) == pytest.approx(1.0)
 
 
+def _steep_probe(dtype: torch.dtype) -> StepProbe:
+    """Three unit quadratics on the training batch; on the auxiliary batch the first one has
+    curvature 1e20, so that its hypergradient row is about 1e20 and its square overflows
+    float32."""
+    x = torch.zeros(4, dtype=dtype, requires_grad=True)
+    centres = torch.tensor([[3.0, 0, 0, 1], [0, -2.0, 1, 0], [1, 1, -1, 0]], dtype=dtype)
+
+    def compute(batch):
+        curvatures = torch.tensor([1e20 if batch else 1.0, 1.0, 1.0], dtype=dtype)
+        return list(0.5 * curvatures * ((x - centres) ** 2).sum(dim=1) + 1)
+
+    return StepProbe(batch=0, extra=[1], parameters=[x], learning_rate=0.1, compute=compute)
+
+
+def test_moml_float32_hypergradients_beyond_the_square_root_of_its_range():
+    """Found by the aggregator fuzz test (issue 19, slow run): the Gramian of the hypergradient
+    rows was formed in float32, overflowed to inf and its l2 normalisation gave NaN (MGDA raised
+    NonFiniteError). It is formed in float64 now: the MGDA weights are the float64 run's."""
+    single = MOML()
+    single.setup(3)
+    single.prepare(_steep_probe(torch.float32))
+    square = float(single.last_unrolled.double().norm(dim=1).max()) ** 2
+    assert square > torch.finfo(torch.float32).max
+    reference = ready(MOML(), 3)
+    reference.prepare(_steep_probe(F64))
+    torch.testing.assert_close(
+        single.last_mgda_weights.double(), reference.last_mgda_weights, rtol=1e-5, atol=1e-6
+    )
+    assert single.last_mgda_weights.dtype == torch.float32
+    assert bool(torch.isfinite(single.last_hypergradient).all())
+
+
 # --------------------------------------------------------------------------------------- FORUM
 
 

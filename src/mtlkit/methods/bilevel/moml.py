@@ -106,12 +106,13 @@ class MOML(BilevelWeighting):
             aux_jacobian = jacobian(aux_losses, params, retain_graph=False)
         hyper = unrolled_hypergradient(train_jacobian, aux_jacobian, lr)
         rows = hyper @ softmax_jacobian(weights.to(hyper))
-        gramian = rows @ rows.T
+        wide = rows.double()  # in float32 a row of 3e19 (a virtual step that overshoots) overflows
+        gramian = wide @ wide.T
         if self.normalization == "l2":
             norms = gramian.diagonal().clamp_min(0).sqrt()
             norms = torch.where(norms > 0, norms, torch.ones_like(norms))
             gramian = gramian / torch.outer(norms, norms)
-        mgda = min_norm_weights(gramian)
+        mgda = min_norm_weights(gramian).to(rows.dtype)
         self.last_mgda_weights = mgda
         self.last_unrolled = hyper
         self._meta_step(mgda @ rows)
