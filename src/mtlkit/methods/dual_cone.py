@@ -66,8 +66,12 @@ class _DualConeWeighting(ReportsSolver, Float64GramianWeighting):
         the message counts those DAQP failed on, solved exactly by a fallback)."""
         work, pref = self._prepare(gramian)
         targets = self._targets(pref)
-        solve = dual_cone_solve(work, targets)
-        values = solve.weights.sum(axis=0)
+        # v ≥ u, min vᵀGv is, with v = v'/s (s_i = |g_i|), v' ≥ s u, min v'ᵀ(G / ssᵀ)v': solved
+        # on the cosines, so that a row 1e9 times shorter than another is not rounding noise
+        scales = np.sqrt(np.clip(work.diagonal(), 0.0, None))
+        scales[scales == 0] = 1.0  # a zero gradient: its row and column are zero
+        solve = dual_cone_solve(work / np.outer(scales, scales), targets * scales)
+        values = (solve.weights / scales).sum(axis=0)
         if not np.isfinite(values).all():  # pragma: no cover - the solvers raise first
             raise NonFiniteError(f"{type(self).__name__} computed non-finite weights")
         message = ""
