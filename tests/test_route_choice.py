@@ -135,6 +135,27 @@ def test_a_model_the_gramian_route_cannot_take_keeps_the_loop(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(weights(pinned), weights(run)))
 
 
+def test_a_shared_part_without_linear_layers_keeps_the_loop():
+    """The layer-wise Gramian records nn.Linear layers only: a convolutional encoder has none,
+    so there is nothing to measure (the CNN of benchmarks/bench_route.py ended its measurement
+    with no trial and raised StatisticsError)."""
+
+    def conv_trainer(route):
+        run = trainer(route)
+        encoder = nn.Sequential(
+            nn.Unflatten(1, (1, 6)), nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Tanh()
+        )
+        run.model.encoder = encoder
+        return run
+
+    run = conv_trainer("auto")
+    auto = fit(run)
+    assert auto.choice == "loop" and "no nn.Linear layer" in auto.reason
+    pinned = conv_trainer("loop")
+    fit(pinned)
+    assert all(torch.equal(a, b) for a, b in zip(weights(pinned), weights(run)))
+
+
 def test_other_methods_are_not_measured():
     for method in (methods.EW(), methods.get("graddrop")):
         run = trainer(method=method, steps=2)

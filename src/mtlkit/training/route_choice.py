@@ -121,6 +121,8 @@ class AutoRoute:
             )
         if self.capture is None:  # recording from the next forward pass on
             self.capture = LayerCapture(self.model, shared=self.shared, verify=True)
+            if not self.capture.layers:
+                self._decide("loop", "no nn.Linear layer among the shared parameters to record")
         return "loop"
 
     def measure(
@@ -175,6 +177,9 @@ class AutoRoute:
     def _finish(self, cached: str | None) -> None:
         if cached is not None:
             self._decide(cached, "cached: the same problem shape earlier in this process")
+            return
+        if not (self.seconds["loop"] and self.seconds["gramian"]):  # no trial could run
+            self._decide("loop", "no Gramian trial ran: no shared layer was recorded")
             return
         loop = statistics.median(self.seconds["loop"])
         gramian = statistics.median(self.seconds["gramian"])
