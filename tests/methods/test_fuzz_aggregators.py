@@ -331,8 +331,8 @@ def hull_gap(jac: Tensor) -> float:
 
 def checked_exactly(key: str, jac: Tensor, decision: Decision) -> bool:
     """Whether :data:`EXACT`'s ``key`` solver is held to its optimality conditions on ``jac``
-    here. Outside, the regimes of the known failures (the strict ``xfail`` tests below, issue
-    19; narrow these as they are fixed):
+    here. Not in the regimes where they are known to be exact only approximately (issue 19;
+    narrow these as they are fixed):
 
     * MGDA: a solve that reports ``converged=False`` ("stopped at rounding level") within
       ``1e-6`` of stationarity (the near-stationary case of
@@ -673,7 +673,7 @@ def test_mgda_near_stationary_kkt() -> None:
 
 
 def test_the_regression_cases_are_solvable_to_the_tolerance() -> None:
-    """The checks of the xfail tests hold for the exact answers: MGDA's 60-digit weights on
+    """The checks of the regression tests above hold for the exact answers: MGDA's 60-digit weights on
     NEAR_STATIONARY_3X5, the projections by scipy's NNLS (in the parameter space) on the
     badly scaled rows."""
     jac = torch.tensor(NEAR_STATIONARY_3X5, dtype=F64)
