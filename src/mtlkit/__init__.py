@@ -28,7 +28,6 @@ from mtlkit.training.strategies import (
     StrategyContext,
 )
 from mtlkit.training.trainer import Budget, Trainer
-
 from mtlkit.version import __version__
 
 __all__ = [

@@ -673,9 +673,9 @@ def test_mgda_near_stationary_kkt() -> None:
 
 
 def test_the_regression_cases_are_solvable_to_the_tolerance() -> None:
-    """The checks of the regression tests above hold for the exact answers: MGDA's 60-digit weights on
-    NEAR_STATIONARY_3X5, the projections by scipy's NNLS (in the parameter space) on the
-    badly scaled rows."""
+    """The checks of the regression tests above hold for the exact answers: MGDA's 60-digit
+    weights on NEAR_STATIONARY_3X5, the projections by scipy's NNLS (in the parameter space) on
+    the badly scaled rows."""
     jac = torch.tensor(NEAR_STATIONARY_3X5, dtype=F64)
     assert mgda_residual(jac, torch.tensor(NEAR_STATIONARY_OPTIMUM, dtype=F64)) <= 1e-2
     for rows in (OPPOSITE_1E9, SPREAD_2E4):

@@ -192,22 +192,22 @@ def test_a_failed_claim_removes_the_folders_it_made_and_nothing_else(tmp_path):
     from mtlkit.training.run_dir import claim_run_dir
 
     deep = tmp_path / "a" / "b" / "run"
-    with pytest.raises(ConfigError, match="found with the data"):
-        with claim_run_dir(deep, config_hash="h"):
-            assert (deep / ".mtlkit-run.json").is_file()
-            raise ConfigError("found with the data")
+    with (
+        pytest.raises(ConfigError, match="found with the data"),
+        claim_run_dir(deep, config_hash="h"),
+    ):
+        assert (deep / ".mtlkit-run.json").is_file()
+        raise ConfigError("found with the data")
     assert not (tmp_path / "a").exists()  # the claim made a/b/run: all three gone
     existing = tmp_path / "existing"
     existing.mkdir()
-    with pytest.raises(ConfigError):
-        with claim_run_dir(existing, config_hash="h"):
-            raise ConfigError("found with the data")
+    with pytest.raises(ConfigError), claim_run_dir(existing, config_hash="h"):
+        raise ConfigError("found with the data")
     assert existing.is_dir()  # the user's folder stays
     kept = tmp_path / "kept"
-    with pytest.raises(ConfigError):
-        with claim_run_dir(kept, config_hash="h"):
-            (kept / "steps.csv").write_text("step\n")
-            raise ConfigError("after the first write")
+    with pytest.raises(ConfigError), claim_run_dir(kept, config_hash="h"):
+        (kept / "steps.csv").write_text("step\n")
+        raise ConfigError("after the first write")
     assert (kept / "steps.csv").is_file() and (kept / ".mtlkit-run.json").is_file()
     fine = tmp_path / "fine"
     with claim_run_dir(fine, config_hash="h"):

@@ -138,7 +138,8 @@ class TrainConfig:
             not self.references or any(not r.strip() for r in self.references)
         ):
             raise ConfigError(
-                f"references must be a non-empty list of file paths (or null), got {self.references}"
+                "references must be a non-empty list of file paths (or null), got "
+                f"{self.references}"
             )
         _check_scheduler_args(self.scheduler, self.scheduler_args)
         if isinstance(self.loggers, str):  # "wandb,mlflow", as --logger takes them

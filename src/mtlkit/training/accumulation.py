@@ -230,5 +230,3 @@ def check_parallel(method: Method, context: Any) -> None:
             f"{name} takes virtual steps with its own backward passes, which are neither "
             "reduced across processes nor loss-scaled: it cannot run under DDP or amp=fp16"
         )
-
-
