@@ -88,6 +88,22 @@ def test_submitit_local_executor_collects_the_results_of_jobs_1(tmp_path, capsys
     assert read_rows(out) == rows
 
 
+@pytest.mark.slow  # three local submitit jobs (about 12 s)
+def test_the_slurm_example_runs_on_the_local_executor(tmp_path, capsys):
+    import runpy
+    from pathlib import Path
+
+    pytest.importorskip("submitit")
+    example = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "grid_on_slurm.py"))
+    assert example["main"]([str(tmp_path / "grid")]) == 0
+    assert "3 job(s) run, 0 skipped" in capsys.readouterr().out
+    assert [r["run"] for r in read_rows(tmp_path / "grid")] == [
+        "ew-joint-seed0",
+        "mgda-joint-seed0",
+    ]
+    assert example["main"]([]) == 2  # no folder: the usage
+
+
 def test_the_options_become_sbatch_lines(tmp_path, monkeypatch):
     submitit = pytest.importorskip("submitit")
     monkeypatch.setattr(submitit.SlurmExecutor, "affinity", staticmethod(lambda: 1))  # no srun

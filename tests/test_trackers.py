@@ -346,3 +346,13 @@ def test_the_mlflow_example_runs(tmp_path, mlflow_store, capsys):
     result = example["main"](tmp_path, epochs=1, n_train=128)
     assert result["steps"] == 2 and result["artifacts"] == 4
     assert "(FINISHED)" in capsys.readouterr().out
+
+
+def test_the_wandb_example_runs_offline(wandb_offline, capsys):
+    import runpy
+
+    example = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "track_with_wandb.py"))
+    result = example["main"](wandb_offline, epochs=1, n_train=128)
+    (run,) = result["runs"]
+    assert run.name.startswith("offline-run-") and any(run.glob("*.wandb"))
+    assert "wandb (offline) run folder(s)" in capsys.readouterr().out
