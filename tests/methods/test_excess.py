@@ -107,3 +107,34 @@ def test_errors_and_registry() -> None:
 
 def test_engine_parameter_route() -> None:
     check_route_steps(lambda: ExcessMTL(robust_step_size=0.5))
+
+
+def test_a_reference_taken_on_a_plateau_does_not_overflow_the_weights() -> None:
+    """The 2-D toy from (9, 9) gave NaN at step 2812: the first excess of task 1 was tiny (its
+    gradient almost zero on the plateau), a later one 1e6 times larger, exp(η ratio) = inf and
+    the weights inf / inf. The softmax form gives the limit: task 1 takes all the weight."""
+    method = ExcessMTL(robust_step_size=1e-2)
+    method.setup(2)
+    first = torch.tensor([[1.0, 0.0], [0.0, 1e-9]], dtype=torch.float64)
+    method.aggregate(first)
+    later = torch.tensor([[1.0, 0.0], [0.0, 1e-2]], dtype=torch.float64)
+    decision = method.aggregate(later)
+    assert torch.isfinite(decision.weights).all() and torch.isfinite(decision.direction).all()
+    torch.testing.assert_close(decision.weights, torch.tensor([0.0, 2.0], dtype=torch.float64))
+
+
+def test_the_softmax_form_is_the_papers_update() -> None:
+    method = ExcessMTL(robust_step_size=0.5)
+    method.setup(3)
+    jacs = [make_jacobian(s, 3, 5) for s in range(4)]
+    weights = torch.ones(3, dtype=torch.float64)
+    accumulator = torch.zeros_like(jacs[0])
+    reference = None
+    for jac in jacs:
+        accumulator = accumulator + jac.square()
+        excess = (jac.square() / (accumulator + 1e-7).sqrt()).sum(dim=1)
+        reference = excess if reference is None else reference
+        weights = weights * torch.exp(0.5 * excess / reference)
+        weights = 3 * weights / weights.sum()
+        got = method.aggregate(jac).weights
+        torch.testing.assert_close(got, weights)

@@ -86,8 +86,11 @@ class ExcessMTL(LazyBuffers, GradientAggregator):
         reference = self.reference
         known = reference > 0
         ratio = torch.where(known, excess / torch.where(known, reference, 1.0), 0.0)
-        weights = self.task_weights * torch.exp(self.robust_step_size * ratio)
-        weights = m * weights / weights.sum()
+        # w_i exp(η r_i) / Σ_j w_j exp(η r_j) as a softmax of log-weights: the same numbers, but
+        # a reference taken on a plateau (a tiny first excess) gives ratios whose exp overflowed
+        # to inf and the weights to inf / inf = NaN (the 2-D toy from (9, 9), step 2812)
+        logits = self.task_weights.log() + self.robust_step_size * ratio.clamp(max=1e300)
+        weights = m * torch.softmax(logits, dim=0)
         self.task_weights = weights
         self.reference = torch.where(known | (excess <= 0), reference, excess)
         self.last_excess = excess
