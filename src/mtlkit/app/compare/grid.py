@@ -19,7 +19,7 @@ import yaml
 
 from mtlkit.app.compare.cluster import LAUNCHERS, check_submitit_options
 from mtlkit.app.compare.search_spec import SearchSpec
-from mtlkit.app.compare.sweep import check_sweep, expand_sweeps
+from mtlkit.app.compare.sweep import check_sweep, expand_sweeps, repeated_labels
 from mtlkit.app.config import (
     BUDGET_KEYS,
     TrainConfig,
@@ -298,12 +298,11 @@ def _entries(value: Any, registry: Registry[Any], key: str) -> list[Entry]:
             raise ConfigError(f"{key}: front {front!r} of {name!r} must be a name like a label")
         sweep = None if sweep is None else check_sweep(name, args, sweep)
         entries.append(Entry(name, args, label, front, sweep))
-    labels = [e.label for e in entries]
-    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    repeated = repeated_labels([e.label for e in entries])
     if repeated:
         raise ConfigError(
-            f"{key}: label(s) {', '.join(map(repr, repeated))} used twice; give each entry "
-            "its own label: {name: ..., args: {...}, label: ...}"
+            f"{key}: label(s) {repeated} used twice; give each entry its own label: "
+            "{name: ..., args: {...}, label: ...}"
         )
     return entries
 
@@ -367,10 +366,9 @@ def _budgets(value: Any, base: TrainConfig) -> list[BudgetSpec]:
                 f"budget name {name!r} may hold only letters, digits, '_', '.' and '-'"
             )
         budgets.append(BudgetSpec(name, limits))
-    names = [b.name for b in budgets]
-    repeated = sorted({n for n in names if names.count(n) > 1})
+    repeated = repeated_labels([b.name for b in budgets])
     if repeated:
-        raise ConfigError(f"budget name(s) {', '.join(map(repr, repeated))} used twice")
+        raise ConfigError(f"budget name(s) {repeated} used twice")
     return budgets
 
 

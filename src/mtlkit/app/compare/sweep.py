@@ -121,14 +121,18 @@ def expand_sweeps(entries: Sequence[Any], num_tasks: Any) -> list[Any]:
             METHODS.get(entry.name, **args)
             out.append(dataclasses.replace(entry, args=args, label=label, sweep=None,
                                            front=entry.front or entry.label))  # fmt: skip
-    labels = [e.label for e in out]
-    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    repeated = repeated_labels([e.label for e in out])
     if repeated:
         raise ConfigError(
-            f"methods: label(s) {', '.join(map(repr, repeated))} used twice after expanding "
-            "the preference sweeps; give the entries other labels"
+            f"methods: label(s) {repeated} used twice after expanding the preference sweeps; "
+            "give the entries other labels"
         )
     return out
+
+
+def repeated_labels(labels: Sequence[str]) -> str:
+    """The labels that occur more than once, quoted and comma-separated (``""``: none)."""
+    return ", ".join(repr(label) for label in sorted({x for x in labels if labels.count(x) > 1}))
 
 
 def _label_number(value: float) -> str:
