@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from mtlkit import Alternating, Budget, Joint, RandomGroups, Trainer, methods
 from mtlkit.architectures import HPS
 from mtlkit.data.benchmarks import DATASETS
+from mtlkit.data.multi_input import MultiInputLoader
 from mtlkit.errors import MtlkitError
 from mtlkit.training.checkpoint import load_checkpoint, save_checkpoint
 from mtlkit.training.optim import optimizer
@@ -109,6 +110,20 @@ def test_a_finished_run_trained_on_continues_the_shuffling_order(tmp_path, strat
     assert more.progress.epoch == 3 and more.progress.steps == reference.progress.steps
     for a, b in zip(reference.model.state_dict().values(), more.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_finished_run_trained_on_with_other_loaders_is_refused(tmp_path):
+    """At an epoch boundary as mid-epoch: a checkpoint of one training loader does not continue
+    on two (a multi-input loader), it names both counts."""
+    from mtlkit.training.checkpoint import LoaderPosition
+
+    first, data = make_trainer(tmp_path / "run", "joint_pcgrad", epochs=1, checkpoint_every=100)
+    first.fit(data["train"], data["val"])
+    position = LoaderPosition()
+    position.load_state_dict(load_checkpoint(tmp_path / "run" / "checkpoint.pt")["position"])
+    assert len(position.states_at_save) == 1
+    with pytest.raises(MtlkitError, match="1 loader\\(s\\) then, 2 now"):
+        position.continue_generators(MultiInputLoader({"a": data["train"], "b": data["train"]}))
 
 
 def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tmp_path):

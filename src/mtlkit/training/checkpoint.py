@@ -24,7 +24,7 @@ from __future__ import annotations
 import pickle
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,6 +281,19 @@ def generators(loader: Any) -> list[torch.Generator | None]:
     return [None]
 
 
+def _set_generators(loader: Any, states: Sequence[torch.Tensor | None]) -> None:
+    """Set ``loader``'s shuffling generators to ``states`` (one per generator, ``None``: none)."""
+    gens = generators(loader)
+    if len(gens) != len(states):
+        raise MtlkitError(
+            f"the training data changed since the checkpoint: {len(states)} loader(s) then, "
+            f"{len(gens)} now"
+        )
+    for gen, state in zip(gens, states):
+        if gen is not None and state is not None:
+            gen.set_state(state)
+
+
 @dataclass
 class LoaderPosition:
     """Where an epoch over a loader is: the random state at its start and the batches consumed.
@@ -307,23 +320,12 @@ class LoaderPosition:
         """Resumed at an epoch boundary (a finished run trained on): set the loader generators
         to their states when the checkpoint was saved, so that the next epoch draws a new order
         (a rebuilt loader's fresh generator would repeat the first epoch's)."""
-        gens = generators(loader)
-        if len(gens) == len(self.states_at_save):
-            for gen, state in zip(gens, self.states_at_save):
-                if gen is not None and state is not None:
-                    gen.set_state(state)
+        if self.states_at_save:  # absent in a checkpoint of an earlier version
+            _set_generators(loader, self.states_at_save)
 
     def replay(self, loader: Iterable[Any]) -> Any:
         """An iterator over ``loader`` positioned after the consumed batches."""
-        gens = generators(loader)
-        if len(gens) != len(self.loader_states):
-            raise MtlkitError(
-                "the training data changed since the checkpoint: "
-                f"{len(self.loader_states)} loader(s) then, {len(gens)} now"
-            )
-        for gen, state in zip(gens, self.loader_states):
-            if gen is not None and state is not None:
-                gen.set_state(state)
+        _set_generators(loader, self.loader_states)
         if self.global_state is not None:
             torch.set_rng_state(self.global_state)
         iterator = iter(loader)
