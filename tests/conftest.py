@@ -10,6 +10,16 @@ from torch import nn
 
 from mtlkit.architectures import HPS
 
+TINY_COMPARE = [
+    "data_args.n_train=64",
+    "data_args.n_val=32",
+    "data_args.n_test=32",
+    "batch_size=32",
+    "epochs=1",
+    "tasks=[left,sum]",
+]
+"""A compare grid's smallest MultiDigits runs (one batch of 32 per epoch, two tasks)."""
+
 
 def tiny_hps(num_tasks: int = 3, in_features: int = 5, seed: int = 0, dtype=torch.float64) -> HPS:
     """An HPS with a 2-layer MLP encoder (plus an unused parameter) and linear heads."""

@@ -14,7 +14,7 @@ import statistics
 import time
 
 import pytest
-from conftest import one_line_error, summary
+from conftest import TINY_COMPARE, one_line_error, summary
 from scipy.stats import t as student
 
 import mtlkit.app.compare as compare
@@ -26,12 +26,7 @@ from mtlkit.training.logs import CsvLog, TensorBoardLog
 from mtlkit.training.trainer import Budget, Trainer
 
 TINY = [
-    "data_args.n_train=64",
-    "data_args.n_val=32",
-    "data_args.n_test=32",
-    "batch_size=32",
-    "epochs=1",
-    "tasks=[left,sum]",
+    *TINY_COMPARE,
     "plots=false",
 ]
 GRID = [

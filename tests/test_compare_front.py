@@ -9,19 +9,14 @@ import re
 
 import numpy as np
 import pytest
-from conftest import one_line_error
+from conftest import TINY_COMPARE, one_line_error
 
 import mtlkit.app.compare as compare
 from mtlkit.app.cli import main
 from mtlkit.app.pareto import hypervolume, non_dominated, reference_point
 
 TINY = [
-    "data_args.n_train=64",
-    "data_args.n_val=32",
-    "data_args.n_test=32",
-    "batch_size=32",
-    "epochs=1",
-    "tasks=[left,sum]",
+    *TINY_COMPARE,
     "strategies=[joint]",
     "seeds=[0]",
 ]

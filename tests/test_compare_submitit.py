@@ -7,19 +7,14 @@ import math
 import shutil
 
 import pytest
-from conftest import one_line_error
+from conftest import TINY_COMPARE, one_line_error
 
 from mtlkit.app.cli import main
 from mtlkit.app.compare.cluster import check_submitit_options, executor_parameters
 from mtlkit.errors import ConfigError, MtlkitError
 
 TINY = [
-    "data_args.n_train=64",
-    "data_args.n_val=32",
-    "data_args.n_test=32",
-    "batch_size=32",
-    "epochs=1",
-    "tasks=[left,sum]",
+    *TINY_COMPARE,
     "plots=false",
     "methods=[ew,mgda]",
     "strategies=[joint]",
