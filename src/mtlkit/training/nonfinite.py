@@ -143,12 +143,25 @@ def first_nonfinite(tensors: Iterable[Tensor | None]) -> Tensor | None:
 
 
 def _first_nonfinite_grad(params: Sequence[Tensor]) -> Tensor | None:
-    """:func:`first_nonfinite` of the parameters' gradients (the per-step check: a list, no
-    generator or copies)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads or math.isfinite(float(torch.stack(torch._foreach_norm(grads)).sum())):
+    """:func:`first_nonfinite` of the parameters' gradients (the per-step check: one fused norm,
+    one stack, one read; the norms are summed in Python floats, which a sum of finite float32
+    norms cannot overflow)."""
+    grads = [g for p in params if (g := p.grad) is not None]
+    if not grads or math.isfinite(sum(torch.stack(torch._foreach_norm(grads)).tolist())):
         return None
     return first_nonfinite(grads)
+
+
+def _own_parameters(method: nn.Module) -> list[Tensor]:
+    """``list(method.parameters())``, without walking the module tree of a method that has no
+    parameter and no submodule (the usual loss weighting)."""
+    if not method._parameters and not method._modules:
+        return []
+    return list(method.parameters())
+
+
+_STEPPED_LISTS = 16
+"""How many distinct parameter lists :meth:`NonFiniteGuard.stepped` keeps before folding them."""
 
 
 class _Fault(Exception):
@@ -187,7 +200,10 @@ class NonFiniteGuard:
         self.skipped_tasks: dict[str, int] = {}
         self._stand_ins: dict[str, Tensor] = {}  # each task's last finite loss (detached)
         self._params: list[Tensor] = []
-        self._stepped: dict[int, Tensor] = {}  # every parameter stepped since the last check
+        # Every parameter stepped since the last check: the lists of the steps (by identity: a
+        # strategy passes the same list each step), folded into single parameters when many.
+        self._stepped_lists: dict[int, list[Tensor]] = {}
+        self._stepped: dict[int, Tensor] = {}
         self._method: nn.Module | None = None
         self._redo: Callable[[], Any] | None = None
         self._snapshot: dict[str, Any] | None = None
@@ -202,7 +218,8 @@ class NonFiniteGuard:
     def begin(self, params: Iterable[Tensor], method: nn.Module, redo: Callable[[], Any]) -> None:
         """Start a step: the parameters it updates (model and method ones), its method (whose
         state a skip restores), and ``redo``, a new forward pass on the step's batch."""
-        self._params = [*params, *method.parameters()]
+        own = _own_parameters(method)
+        self._params = params if not own and type(params) is list else [*params, *own]
         self._method = method
         self._redo = redo
         self._skip = None
@@ -268,8 +285,18 @@ class NonFiniteGuard:
     def stepped(self) -> None:
         """After ``optimizer.step()``: the step's parameters are checked by the next fault or
         :meth:`check_weights` (module docstring, check 4)."""
-        for p in self._params:
-            self._stepped[id(p)] = p
+        params = self._params
+        if id(params) not in self._stepped_lists:
+            if len(self._stepped_lists) >= _STEPPED_LISTS:
+                self._fold_stepped()
+            self._stepped_lists[id(params)] = params
+
+    def _fold_stepped(self) -> None:
+        """The stepped lists as single parameters, in the order they were first stepped."""
+        for params in self._stepped_lists.values():
+            for p in params:
+                self._stepped.setdefault(id(p), p)
+        self._stepped_lists.clear()
 
     def check_weights(self) -> None:
         """Raise if a parameter stepped since the last check is NaN or infinite (under every
@@ -279,6 +306,7 @@ class NonFiniteGuard:
         Raises:
             NonFiniteError: naming the parameter's shape.
         """
+        self._fold_stepped()
         bad = first_nonfinite(self._stepped.values())
         if bad is not None:
             raise NonFiniteError(

@@ -28,13 +28,14 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mtlkit.engine.backward import StepRoute, method_backward
-from mtlkit.engine.contract import Reducer, SolverStatus
+from mtlkit.engine.contract import Decision, Reducer, SolverStatus
 from mtlkit.engine.jacobian import jacobian
 from mtlkit.engine.layer_capture import LayerCapture
 from mtlkit.errors import ConfigError
@@ -182,14 +183,19 @@ def method_update(
         The task weights the method used (empty for weightless aggregators), the number of
         backward passes through the shared part of the model, and the solver status.
     """
-    guard = environment.guard
-    if not guard.busy:
-        return guard.update(
-            result,
-            tasks,
-            lambda r, ts: method_update(r, ts, method, shared, environment, compute_losses),
-            environment,
-        )
+    update = partial(_unguarded_update, method, shared, environment, compute_losses)
+    return environment.guard.update(result, tasks, update, environment)
+
+
+def _unguarded_update(
+    method: Method,
+    shared: Sequence[nn.Parameter],
+    environment: StepEnvironment,
+    compute_losses: ComputeLosses,
+    result: ForwardResult,
+    tasks: Sequence[str],
+) -> Outcome:
+    """:func:`method_update` without the guard (the guard runs it, and again on a redo)."""
     backwards = 0
     if method.extra_batches and not method.needs_probe:
         jacobians = []
@@ -200,12 +206,34 @@ def method_update(
             jacobians.append(jac if reducer is None else reducer.reduce_jacobian(jac))
             backwards += len(tasks)
         method.observe_extra(jacobians)
-    features = result.features if environment.rep_grad else None
-    gradient = method.kind == "gradient"
-    route = environment.backward_route(method, len(tasks), features)
     losses = result.loss_list(tasks)  # a list, not a stack: see mtlkit.engine.jacobian.loss_list
+    if method.kind != "gradient":  # a loss weighting: one seeded backward, no route to choose
+        decision = method_backward(losses, method=method, check_losses=False)
+        backwards += 1
+    else:
+        decision = _aggregate(method, losses, shared, environment, result.features)
+        per_task = not environment.rep_grad or result.features is None
+        backwards += len(tasks) if per_task and len(tasks) > 1 else 1
+    if environment.capture is not None:
+        environment.capture.clear()  # records this backward did not consume (loss weightings)
+    weights = decision.weights
+    named = {} if weights is None else dict(zip(tasks, weights.tolist()))
+    return named, backwards, decision.status
 
-    def backward(with_method: Method, capture: LayerCapture | None, retain: bool) -> Any:
+
+def _aggregate(
+    method: Method,
+    losses: list[Tensor],
+    shared: Sequence[nn.Parameter],
+    environment: StepEnvironment,
+    features: Any,
+) -> Decision:
+    """The backward of a gradient aggregator on the environment's route (``route="auto"``:
+    measured on the first steps, :mod:`mtlkit.training.route_choice`)."""
+    features = features if environment.rep_grad else None
+    route = environment.backward_route(method, len(losses), features)
+
+    def backward(with_method: Method, capture: LayerCapture | None, retain: bool) -> Decision:
         return method_backward(
             losses,
             shared=shared,
@@ -219,16 +247,9 @@ def method_update(
         )
 
     auto = environment.auto
-    if auto is not None and route == "loop" and auto.choice is None and gradient:
-        decision = auto.measure(method, losses, backward)  # route="auto" still measuring
-    else:
-        decision = backward(method, environment.capture if route == "gramian" else None, False)
-    if environment.capture is not None:
-        environment.capture.clear()  # records this backward did not consume (loss weightings)
-    per_task = gradient and features is None and len(tasks) > 1
-    weights = decision.weights
-    named = {} if weights is None else dict(zip(tasks, weights.tolist()))
-    return named, backwards + (len(tasks) if per_task else 1), decision.status
+    if auto is not None and route == "loop" and auto.choice is None:
+        return auto.measure(method, losses, backward)  # route="auto" still measuring
+    return backward(method, environment.capture if route == "gramian" else None, False)
 
 
 def method_step(
