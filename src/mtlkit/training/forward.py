@@ -34,14 +34,22 @@ class ForwardResult:
         """Each task's loss as a float (one stack and one read when they are scalars of one
         dtype, the usual case); read once per ``losses`` dict (the guard's check and the step's
         report share it)."""
-        if self._floats is not None and self._floats[0] is self.losses:
+        named = self.losses
+        if self._floats is not None and self._floats[0] is named:
             return self._floats[1]
-        losses = list(self.losses.values())
-        if losses and all(v.dim() == 0 and v.dtype == losses[0].dtype for v in losses):
-            values = dict(zip(self.losses, torch.stack(losses).detach().tolist()))
+        losses = list(named.values())
+        scalars = bool(losses)
+        for v in losses:
+            if v.dim() != 0 or v.dtype != losses[0].dtype:
+                scalars = False
+                break
+        if len(losses) == 1 and scalars:  # a one-task group step: one read, no stack
+            values = {t: v.item() for t, v in named.items()}
+        elif scalars:
+            values = dict(zip(named, torch.stack(losses).tolist()))
         else:
-            values = {t: float(v.detach().float().sum()) for t, v in self.losses.items()}
-        self._floats = (self.losses, values)
+            values = {t: float(v.detach().float().sum()) for t, v in named.items()}
+        self._floats = (named, values)
         return values
 
 
@@ -61,13 +69,20 @@ class SubsetLosses:
 
     def __init__(self, compute: Callable[[Any, Sequence[str] | None], ForwardResult]) -> None:
         self.compute = compute
+        self._subsets: dict[tuple[str, ...], ComputeLosses] = {}
 
     def __call__(self, batch: Any) -> ForwardResult:
         return self.compute(batch, None)
 
     def subset(self, tasks: Sequence[str]) -> ComputeLosses:
-        chosen = list(tasks)
-        return lambda batch: self.compute(batch, chosen)
+        key = tuple(tasks)
+        closure = self._subsets.get(key)
+        if closure is None:  # one closure per subset, kept (a group strategy asks every batch)
+            if len(self._subsets) >= 64:  # groups resampled: forget the old ones
+                self._subsets.clear()
+            chosen = list(tasks)
+            closure = self._subsets[key] = lambda batch: self.compute(batch, chosen)
+        return closure
 
 
 def restrict(compute_losses: ComputeLosses, tasks: Sequence[str]) -> ComputeLosses:
