@@ -26,12 +26,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from mtlkit.app.conditioned_front import build_model, evaluate_front
 from mtlkit.app.config import TrainConfig, affinity_options
 from mtlkit.app.limits import check_model_size, check_sizes
 from mtlkit.app.plot_option import plots_enabled
 from mtlkit.app.plots import plot_run
 from mtlkit.app.validation import check_config, check_problem, check_resume
-from mtlkit.architectures import build
 from mtlkit.data.benchmarks import DATASETS, Problem
 from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.methods import METHODS
@@ -228,6 +228,7 @@ def run(
         trainer.fit(loaders["train"], loaders["val"], resume=resume)
         trainer.evaluate(loaders["val"], split="val")  # the selected model's, for the report
         results = trainer.evaluate(loaders["test"], split="test")
+        evaluate_front(trainer, loaders["test"], out_dir)  # COSMOS: the front of the one model
         k = last_k_epochs(config.select)
         if k is not None:  # the Nash-MTL/FAMO protocol: the mean of the last k epochs
             last = mean_of_last_epochs(trainer.history, trainer.tasks, k)
@@ -297,13 +298,7 @@ def build_run(
     method_args = seeded(METHODS, config.method, config.method_args, config)
     method = METHODS.get(config.method, **method_args)
     strategy = STRATEGIES.get(config.strategy, method=method, **config.strategy_args)
-    model = build(
-        config.arch,
-        problem.input_shape,
-        problem.task_outputs,
-        multi_input=problem.multi_input,
-        **config.arch_args,
-    )
+    model = build_model(config.arch, config.arch_args, problem, method, config.strategy)
     factory = optimizer(
         config.optimizer,
         lr=config.lr,

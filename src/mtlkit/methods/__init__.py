@@ -22,7 +22,9 @@ from mtlkit.methods.base import (
 from mtlkit.methods.basic import RGW, Constant, Mean, Random, Sum
 from mtlkit.methods.bilevel import FORUM, MOML, AutoLambda
 from mtlkit.methods.cagrad import CAGrad
+from mtlkit.methods.conditioning import PreferenceChannel
 from mtlkit.methods.config_grad import ConFIG
+from mtlkit.methods.cosmos import COSMOS
 from mtlkit.methods.dual_cone import DualProj, UPGrad
 from mtlkit.methods.epo import EPO
 from mtlkit.methods.excess import ExcessMTL
@@ -59,6 +61,7 @@ def available() -> list[str]:
 
 
 __all__ = [
+    "COSMOS",
     "CRMOGM",
     "DBMTL",
     "DWA",
@@ -105,6 +108,7 @@ __all__ = [
     "NGDiff",
     "NashMTL",
     "PCGrad",
+    "PreferenceChannel",
     "Random",
     "SDMGrad",
     "Seeded",

@@ -1,0 +1,45 @@
+"""A COSMOS run from the shell: the model is conditioned, and front.csv holds its front."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+from conftest import TINY_COMPARE, one_line_error, summary
+
+from mtlkit.app.cli import main
+from mtlkit.app.config import TrainConfig
+from mtlkit.app.runner import build_run
+from mtlkit.architectures.conditioned import PreferenceConditioned
+from mtlkit.errors import ConfigError
+
+
+def test_train_writes_the_front_of_the_one_conditioned_model(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--method", "cosmos", "--out", str(out), "--no-progress", *TINY_COMPARE]
+    assert main([*argv, "method_args.test_rays=5"]) == 0
+    rows = list(csv.DictReader((out / "front.csv").open()))
+    assert len(rows) == 5
+    assert list(rows[0])[:2] == ["ray/left", "ray/sum"]
+    rays = [float(r["ray/left"]) for r in rows]
+    assert rays == pytest.approx([5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6], rel=1e-9)
+    assert {"left/loss", "left/acc", "sum/loss", "sum/mae"} <= set(rows[0])
+    losses = [float(r["left/loss"]) for r in rows]
+    assert len(set(losses)) == 5  # the ray reaches the model: five different points
+    # the run's own test results are the model at the centre ray (its selection ray too)
+    test = summary(out)["results"]["test"]
+    assert 0 < test["left"]["loss"] < 10
+    capsys.readouterr()
+
+
+def test_cosmos_builds_a_conditioned_model_and_refuses_what_it_cannot_condition(capsys):
+    small = {"n_train": 64, "n_val": 32, "n_test": 32}
+    trainer, _ = build_run(TrainConfig(method="cosmos", data_args=small, progress=False), None)
+    assert isinstance(trainer.model, PreferenceConditioned)
+    assert trainer.model.channel is trainer.strategy.methods()[0].channel
+    plain, _ = build_run(TrainConfig(method="ls", data_args=small, progress=False), None)
+    assert not isinstance(plain.model, PreferenceConditioned)
+    with pytest.raises(ConfigError, match="needs strategy: joint, not 'alternating'"):
+        build_run(TrainConfig(method="cosmos", strategy="alternating", data_args=small), None)
+    code = main(["train", "--method", "cosmos", "--strategy", "alternating", "--check"])
+    assert code == 2 and "strategy: joint" in one_line_error(capsys)
