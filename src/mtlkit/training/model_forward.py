@@ -86,6 +86,8 @@ class ModelForward:
         """The model's outputs (float32) and, for ``rep_grad``, its shared representation."""
         kwargs: dict[str, Any] = {} if task is None else {"task": task}
         precision = self.parallel.precision
+        if precision.mode == "none" and not self.rep_grad:  # float32: no context, no casts
+            return self.model(inputs, **kwargs), None
         with precision.autocast():  # outputs back in float32 for the losses
             if self.rep_grad:
                 outputs, z = self.model(inputs, return_features=True, **kwargs)

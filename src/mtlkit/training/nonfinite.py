@@ -146,7 +146,10 @@ def _first_nonfinite_grad(params: Sequence[Tensor]) -> Tensor | None:
     """:func:`first_nonfinite` of the parameters' gradients (the per-step check: one fused norm,
     one stack, one read; the norms are summed in Python floats, which a sum of finite float32
     norms cannot overflow)."""
-    grads = [g for p in params if (g := p.grad) is not None]
+    grads = []
+    for p in params:  # a loop, not a comprehension: no frame of its own
+        if p.grad is not None:
+            grads.append(p.grad)
     if not grads or math.isfinite(sum(torch.stack(torch._foreach_norm(grads)).tolist())):
         return None
     return first_nonfinite(grads)
@@ -361,7 +364,8 @@ class NonFiniteGuard:
             return self._drop(bad, result, tasks, update, context, reason)
         fault = self._attempt(result, tasks, update, context)
         if not isinstance(fault, Exception):
-            self._remember(result, tasks)
+            if self.policy == "skip_task":
+                self._remember(result, tasks)
             return fault
         if isinstance(fault, SolverError):
             self.solver_failures += 1
@@ -473,7 +477,7 @@ class NonFiniteGuard:
     def _remember(self, result: Any, tasks: Sequence[str]) -> None:
         """Keep each task's last finite loss, the stand-in of ``skip_task``."""
         if self.policy != "skip_task":
-            return
+            return  # only skip_task uses stand-ins
         for t in tasks:
             self._stand_ins[t] = result.losses[t].detach()
 
@@ -514,6 +518,8 @@ def _scaled(context: Any) -> bool:
 def _nonfinite_losses(result: Any, tasks: Sequence[str]) -> list[str]:
     """The tasks whose loss in ``result`` is NaN or infinite (one synchronisation)."""
     values = result.floats()  # one read, shared with the step's report
+    if math.isfinite(sum(values.values())):  # the usual case, without a loop over the tasks
+        return []
     return [t for t in tasks if not math.isfinite(values[t])]
 
 
