@@ -395,3 +395,50 @@ def test_resumed_run_keeps_the_counters(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["nonfinite"]["skipped_steps"] == 1 and summary["cost"]["steps"] == 3
     assert not math.isnan(summary["results"].get("val", {}).get("left", {}).get("loss", 0.0))
+
+
+def _stepped_guard(lists, method):
+    guard = NonFiniteGuard("raise")
+    for params in lists:
+        guard.begin(params, method, lambda: None)
+        guard.stepped()
+    return guard
+
+
+def test_check_weights_sees_every_list_stepped_in_first_stepped_order():
+    """The guard records a step's parameter list once (by identity) and folds the lists into
+    single parameters past a few: every parameter stepped is still checked, the first one
+    stepped is named, and a clean check forgets them."""
+    repeated = [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(5))]
+    fresh = [[nn.Parameter(torch.zeros(3 + k))] for k in range(20)]  # folded past 16
+    guard = _stepped_guard([repeated, *fresh, repeated], methods.EW())
+    guard.check_weights()  # all finite
+    with torch.no_grad():
+        fresh[0][0].fill_(float("nan"))
+    guard.check_weights()  # not stepped since the check: not this guard's fault
+    guard = _stepped_guard([repeated, *fresh, repeated], methods.EW())
+    with torch.no_grad():
+        fresh[-1][0][1] = float("inf")
+        repeated[1][0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"shape \[5\]"):  # repeated: stepped first
+        guard.check_weights()
+    with torch.no_grad():
+        repeated[1].zero_()
+    with pytest.raises(NonFiniteError, match=r"shape \[3\]"):  # fresh[0]: NaN, folded
+        guard.check_weights()
+
+
+def test_gradient_check_covers_the_method_parameters():
+    """A learnable weighting's parameters (UW's log-variances) are checked with the model's."""
+    uw = methods.get("uw")
+    uw.setup(3)
+    (own,) = list(uw.parameters())
+    model = [nn.Parameter(torch.zeros(4))]
+    guard = NonFiniteGuard("raise")
+    guard.begin(model, uw, lambda: None)
+    model[0].grad = torch.ones(4)
+    own.grad = torch.full_like(own, float("nan"))
+    with pytest.raises(NonFiniteError, match=rf"shape \[{own.numel()}\]"):
+        guard.commit()
+    guard.begin(model, methods.EW(), lambda: None)  # no parameters of its own
+    assert guard.commit() is True
