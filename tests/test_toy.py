@@ -118,10 +118,11 @@ def test_failing_methods_are_rows_not_crashes() -> None:
 
 
 def test_a_method_with_parameters_matches_a_plain_torch_loop() -> None:
-    """UW's log-variances get their own Adam group (lr 0.025) and fresh gradients each step."""
+    """UW's log-variances get their own Adam group (lr 0.025) and fresh gradients each step
+    (from (-8.5, 7.5), where both losses are positive: UW refuses a negative one)."""
     method = UW(num_tasks=2)
-    run = run_method(method, (-7.5, -0.5), 20, record_every=1)
-    x = torch.tensor([-7.5, -0.5], requires_grad=True)
+    run = run_method(method, (-8.5, 7.5), 20, record_every=1)
+    x = torch.tensor([-8.5, 7.5], requires_grad=True)
     reference = UW(num_tasks=2)
     optimizer = torch.optim.Adam(
         [{"params": [x], "lr": 1e-3}, {"params": [reference.log_vars], "lr": 0.025}]

@@ -295,3 +295,14 @@ def test_engine_on_a_tiny_model_with_two_tasks():
     y = torch.randn(4, 2, dtype=F64)
     weights = mtlkit.backward(task_losses(model, x, y), method=GLS()).weights
     assert weights.shape == (2,)
+
+
+@pytest.mark.parametrize("make", [lambda: UW(num_tasks=3), lambda: IMTLL(num_tasks=3)])
+def test_learned_scales_refuse_a_negative_loss_where_their_objective_is_unbounded(make):
+    """UW's ``c e^{-s} L + s/2`` and IMTL-L's ``e^s L - s`` have no minimum in ``s`` for
+    ``L < 0``: the scale runs off (on the 2-D toy, UW and IMTL-L missed the front from all
+    five starts). Refused, naming the task; a loss of 0 or more is taken."""
+    method = make()
+    with pytest.raises(ConfigError, match=r"task 2 has loss -0\.25, for which its objective"):
+        method(torch.tensor([1.0, 0.0, -0.25]))
+    assert torch.isfinite(method(torch.tensor([1.0, 0.0, 2.0])).weights).all()

@@ -59,6 +59,21 @@ def require_above(values: Tensor, bound: Tensor | float, method: object, hint: s
         )
 
 
+def require_nonnegative(values: Tensor, method: object) -> None:
+    """Raise :class:`~mtlkit.errors.ConfigError` naming the first task whose loss is negative:
+    for the methods that learn a scale per task against a log term (UW, IMTL-L), whose
+    objective then has no minimum (the scale runs off to infinity and the weight with it)."""
+    bad = values < 0
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ConfigError(
+            f"{type(method).__name__} needs task losses >= 0; task {i} has loss "
+            f"{float(values[i]):g}, for which its objective is unbounded below (the learned "
+            "scale of that task runs off to infinity). Use losses that are >= 0 (e.g. not a loss "
+            "shifted by a constant), or another method."
+        )
+
+
 POSITIVE_HINT = (
     "It takes the log of the losses: use losses that are > 0 (e.g. not a loss shifted by a "
     "constant), or another method."
@@ -262,6 +277,7 @@ class UW(LossWeighting):
             raise ValueError(
                 f"UW was set up for {self.log_vars.numel()} tasks, got {losses.numel()} losses"
             )
+        require_nonnegative(losses.detach(), self)
         log_vars = self.log_vars.to(losses.dtype)
         weights = self.scale.to(losses.dtype) * torch.exp(-log_vars)
         return WeightedLoss(weights, 0.5 * log_vars.sum())
@@ -305,7 +321,7 @@ class IMTLL(TaskStateWeighting):
             self.log_scales.fill_(self.init)
 
     def forward(self, losses: Tensor) -> WeightedLoss:
-        self.task_values(losses)
+        require_nonnegative(self.task_values(losses), self)
         scales = self.log_scales.to(losses.dtype)
         return WeightedLoss(torch.exp(scales), -scales.sum())
 
