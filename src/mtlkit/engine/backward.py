@@ -164,9 +164,12 @@ def method_backward(
         if weights.requires_grad:  # learnable weights: differentiate through them
             weighted.total(stacked).backward(retain_graph=retain_graph)
         else:  # Σ_i w_i L_i: each loss seeded with its weight, no stack/mul/sum in the graph
-            roots = [*scalars, *([] if extra is None else [extra])]
-            seeds = [*weights.to(stacked.dtype).unbind(), *([] if extra is None else [None])]
-            torch.autograd.backward(roots, grad_tensors=seeds, retain_graph=retain_graph)
+            seeds = weights if weights.dtype == stacked.dtype else weights.to(stacked.dtype)
+            if extra is None:
+                roots, grads = scalars, seeds.unbind()
+            else:
+                roots, grads = [*scalars, extra], [*seeds.unbind(), None]
+            torch.autograd.backward(roots, grad_tensors=grads, retain_graph=retain_graph)
         return Decision(weights=weights.detach())
     if kind != "gradient":
         raise TypeError(f"method must be a LossWeighting or a GradientAggregator, got {method!r}")
