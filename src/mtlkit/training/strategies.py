@@ -287,6 +287,9 @@ class Joint(Strategy):
 
 
 OptimizerMode = Literal["shared", "per_group"]
+GroupPlan = tuple[Method, torch.optim.Optimizer, list[str], list[nn.Parameter]]
+"""One group's step in :class:`Alternating`: its method, optimizer, tasks and the parameters the
+step updates."""
 LrScaling = Literal["none", "sqrt", "linear"]
 SharedDecay = Literal["per_step", "per_batch"]
 
@@ -401,7 +404,8 @@ class Alternating(Strategy):
         heads = {t: list(model.task_parameters(t)) for t in context.tasks}
         _check_coverage(model, self.shared, heads)
         self.heads = heads
-        self._group_parameters: dict[tuple[str, ...], list[nn.Parameter]] = {}
+        self._plans_of: list[list[str]] | None = None  # the groups the plans were made for
+        self._group_plans: list[GroupPlan] = []
         decay_scale = 1.0 / len(groups) if self.shared_decay == "per_batch" else 1.0
         if self.optimizer_mode == "shared":
             rest = [p for t in context.tasks for p in heads[t]]
@@ -428,48 +432,62 @@ class Alternating(Strategy):
         context = self._require_setup()
         if self.schedule.maybe_resample("step"):
             self._reset_group_methods()
-        groups = self.schedule.groups
-        order = list(range(len(groups)))
+        plans = self._plans()
+        order: Sequence[int] = range(len(plans))
         if self.order == "random":
-            order = torch.randperm(len(groups), generator=self.order_generator).tolist()
+            order = torch.randperm(len(plans), generator=self.order_generator).tolist()
+        environment = context.environment
         report_losses: dict[str, float] = {}
         weights: dict[str, float] = {}
         backwards, statuses = 0, []
         for offset, g in enumerate(order):
-            group = groups[g]
+            method, optimizer, group, parameters = plans[g]
             done = method_step(
-                self.group_methods[g],
-                self.optimizers[0 if self.optimizer_mode == "shared" else g],
+                method,
+                optimizer,
                 batch,
                 restrict(compute_losses, group),  # the group's heads and losses only
                 tasks=group,
                 shared=self.shared,
-                parameters=self._step_parameters(group),
+                parameters=parameters,
                 index=step + offset,
-                environment=context.environment,
+                environment=environment,
             )
-            report_losses.update({t: done.losses[t] for t in group})
+            for t in group:
+                report_losses[t] = done.losses[t]
             weights.update(done.weights)
             backwards += done.backwards
-            statuses += [] if done.status is None else [done.status]
+            if done.status is not None:
+                statuses.append(done.status)
         losses = {t: report_losses[t] for t in context.tasks}  # in task order
-        return StepReport(losses, weights, len(groups), backwards, statuses)
+        return StepReport(losses, weights, len(plans), backwards, statuses)
 
     def on_epoch_end(self, epoch: int) -> None:
         super().on_epoch_end(epoch)
         if self.schedule.maybe_resample("epoch"):
             self._reset_group_methods()
 
-    def _step_parameters(self, group: Sequence[str]) -> list[nn.Parameter]:
-        """The parameters a step of ``group`` updates: the shared ones and the group's heads
-        (one list per group, kept while the groups stay)."""
-        key = tuple(group)
-        if key not in self._group_parameters:
-            self._group_parameters[key] = self.shared + [p for t in group for p in self.heads[t]]
-        return self._group_parameters[key]
+    def _plans(self) -> list[GroupPlan]:
+        """Per group: its method, its optimizer, its tasks and the parameters its step updates
+        (the shared ones and the group's heads); kept while the groups stay (a new groups list
+        makes new plans)."""
+        groups = self.schedule.groups
+        if self._plans_of is not groups:
+            shared_mode = self.optimizer_mode == "shared"
+            self._group_plans = [
+                (
+                    self.group_methods[g],
+                    self.optimizers[0 if shared_mode else g],
+                    group,
+                    self.shared + [p for t in group for p in self.heads[t]],
+                )
+                for g, group in enumerate(groups)
+            ]
+            self._plans_of = groups
+        return self._group_plans
 
     def _reset_group_methods(self) -> None:
-        self._group_parameters.clear()  # new groups
+        self._plans_of = None  # new groups
         for method, group in zip(self.group_methods, self.schedule.groups):
             method.reset()
             method.setup(len(group))
