@@ -170,7 +170,7 @@ def method_backward(
             else:
                 roots, grads = [*scalars, extra], [*seeds.unbind(), None]
             torch.autograd.backward(roots, grad_tensors=grads, retain_graph=retain_graph)
-        return Decision(weights=weights.detach())
+        return Decision(weights=weights.detach() if weights.requires_grad else weights)
     if kind != "gradient":
         raise TypeError(f"method must be a LossWeighting or a GradientAggregator, got {method!r}")
     if capture is not None:

@@ -52,5 +52,22 @@ def peak_memory_mb(device: torch.device) -> float:
 def model_hook(model: nn.Module, name: str, *args: Any) -> Any:
     """Call the optional model hook ``name`` (``auxiliary_losses``, ``on_train_step``,
     ``on_epoch_end``) if the model defines it; ``None`` otherwise."""
+    if _missing_module_attribute(model, name):
+        return None
     hook = getattr(model, name, None)
     return hook(*args) if callable(hook) else None
+
+
+def _missing_module_attribute(model: Any, name: str) -> bool:
+    """Whether ``model`` is an ``nn.Module`` (with its own ``__getattr__``) that has no attribute
+    ``name``: the lookups ``getattr`` makes, without the ``AttributeError`` that
+    ``nn.Module.__getattr__`` raises (the hooks are looked up at every step)."""
+    kind = type(model)
+    if getattr(kind, "__getattr__", None) is not nn.Module.__getattr__ or hasattr(kind, name):
+        return False
+    return not (
+        name in model.__dict__
+        or name in model._parameters
+        or name in model._buffers
+        or name in model._modules
+    )
