@@ -14,7 +14,7 @@ from torch import Tensor
 
 from mtlkit import methods
 from mtlkit.errors import ConfigError, NonFiniteError
-from mtlkit.methods.cagrad import CAGrad
+from mtlkit.methods.cagrad import CAGrad, cagrad_solve
 from mtlkit.methods.mgda import MGDA
 
 F64 = torch.float64
@@ -221,3 +221,56 @@ def test_bad_input_and_float32() -> None:
 @pytest.mark.parametrize("features", [False, True])
 def test_engine_routes(problem, features: bool) -> None:
     check_gramian_weighting_routes(problem, CAGrad, features)
+
+
+# Normalised Gramians of CAGrad (c = 0.4, float32 toy) on the 2-D toy's front from (0, 0): nearly
+# opposite gradients, |g0|² about 1e-12 of |g_i|². The level search stopped with duality gaps of
+# 1.4e-7 to 3.5e-7 (DAQP's tolerances on a problem of that size) and ball excesses at the
+# rounding of |Jᵀλ| (4.7% of the toy's steps there were reported "not verified").
+TOY_FRONT_GRAMIANS = [
+    [[0.999999040721431, -0.9999995203511369], [-0.9999995203511369, 1.0]],
+    [[0.9999983383612954, -0.9999991691712057], [-0.9999991691712057, 1.0]],
+    [[1.0, -0.9999993057924725], [-0.9999993057924725, 0.9999986115967592]],
+    [[1.0, -0.999999769894458], [-0.999999769894458, 0.9999995397916273]],
+]
+
+
+@pytest.mark.parametrize("gramian", TOY_FRONT_GRAMIANS)
+def test_nearly_opposite_gradients_at_the_front_are_solved_and_verified(gramian):
+    """Checked against the paper's dual ``min_w g_w·g0 + ρ |g_w|`` solved in 50-digit
+    arithmetic: the maximin value ``min_i g_i · d`` to 1e-9 of ``|g0| + ρ`` and the ball to its
+    rounding."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    G = mpmath.matrix(gramian)
+    c = mpmath.mpf("0.4")
+
+    def dot_g(u, v):  # uᵀ G v for weight vectors
+        return sum(u[i] * G[i, j] * v[j] for i in range(2) for j in range(2))
+
+    mean = [mpmath.mpf(1) / 2] * 2
+    rho = c * mpmath.sqrt(dot_g(mean, mean))
+
+    def dual(w):
+        gw = [w, 1 - w]
+        return dot_g(gw, mean) + rho * mpmath.sqrt(dot_g(gw, gw))
+
+    low, high = mpmath.mpf(0), mpmath.mpf(1)  # golden section: the dual is convex in w
+    ratio = (mpmath.sqrt(5) - 1) / 2
+    for _ in range(240):
+        a, b = high - ratio * (high - low), low + ratio * (high - low)
+        low, high = (low, b) if dual(a) < dual(b) else (a, high)
+    w = (low + high) / 2
+    gw = [w, 1 - w]
+    exact = [mean[i] + rho * gw[i] / mpmath.sqrt(dot_g(gw, gw)) for i in range(2)]
+
+    def maximin(weights):
+        return min(dot_g([1 if k == i else 0 for k in range(2)], weights) for i in range(2))
+
+    solve = cagrad_solve(np.array(gramian), 0.4)
+    assert solve.converged
+    ours = [mpmath.mpf(float(v)) for v in solve.weights]
+    scale = mpmath.sqrt(dot_g(mean, mean)) + rho
+    assert abs(maximin(ours) - maximin(exact)) / scale < 1e-9
+    offset = [ours[i] - mean[i] for i in range(2)]
+    assert mpmath.sqrt(dot_g(offset, offset)) / rho - 1 < 1e-3  # the rounding of ρ² ≈ 1e-13

@@ -42,13 +42,15 @@ class CAGradSolve:
     ``max_i |g_i| (|g0| + ρ)``, both from the Gramian, see :func:`cagrad_certificate`), whether
     it was verified (``converged``: the ball to ``1e-6`` and the gap to the tolerance), and
     whether the gradients were Pareto-stationary to the Gramian's precision (then the gap is
-    bounded by the hull distance, see :func:`cagrad_solve`)."""
+    bounded by the hull distance, see :func:`cagrad_solve`), and whether it was verified to
+    the fixed tolerances (``strict``), not only to the rounding of the ball's terms."""
 
     weights: np.ndarray
     iterations: int
     residual: float
     converged: bool
     stationary: bool = False
+    strict: bool = False
 
 
 def cagrad_certificate(
@@ -80,6 +82,39 @@ def cagrad_certificate(
     return ball, (upper - primal) / (norm + radius)
 
 
+def polish_level(gramian: np.ndarray, multipliers: np.ndarray, radius: float) -> np.ndarray | None:
+    """The exact solution on the active set of ``multipliers`` (``A``: the tasks with
+    ``λ_i > 1e-9 max λ``), or ``None`` where it is not one. On ``A`` the level-``t``
+    projection has ``λ_A(t) = G_AA⁻¹ (t 1 - b_A)`` (``b = G 1/m``) and ``|Jᵀλ|² = λ_Aᵀ G_AA λ_A``
+    is a quadratic in ``t``; its larger root of ``= ρ²`` is ``t*`` when ``λ_A(t*) ≥ 0``. The
+    level search ends where DAQP's tolerances stop it; with ``|g0| ≪ |g_i|`` (nearly opposite
+    gradients, e.g. at the front of the 2-D toy, ``ρ² ≈ 1e-13``) that left duality gaps of
+    ``1e-7``-``1e-6`` relative, which the closed form takes to rounding (``1e-10``)."""
+    m = gramian.shape[0]
+    top = float(multipliers.max(initial=0.0))
+    if top <= 0:
+        return None
+    active = np.flatnonzero(multipliers > 1e-9 * top)
+    block = gramian[np.ix_(active, active)]
+    b = gramian @ np.full(m, 1.0 / m)
+    try:
+        u = np.linalg.solve(block, np.ones(len(active)))
+        v = np.linalg.solve(block, b[active])
+    except np.linalg.LinAlgError:
+        return None
+    a2, a1, a0 = float(u.sum()), -2.0 * float(v.sum()), float(b[active] @ v) - radius**2
+    discriminant = a1 * a1 - 4 * a2 * a0
+    if not (a2 > 0 and discriminant >= 0 and math.isfinite(discriminant)):
+        return None
+    level = (-a1 + math.sqrt(discriminant)) / (2 * a2)
+    on_active = level * u - v
+    if bool((on_active < -1e-12 * np.abs(on_active).max()).any()):
+        return None
+    polished = np.zeros(m)
+    polished[active] = np.maximum(on_active, 0.0)
+    return polished
+
+
 def cagrad_solve(
     gramian: np.ndarray,
     c: float,
@@ -108,8 +143,11 @@ def cagrad_solve(
     ``min_{w ∈ Δ} g_wᵀ g0 + ρ |g_w|`` and ``d = g0 + ρ g_w / |g_w|`` as there.
 
     Every result is checked by :func:`cagrad_certificate` on the full Gramian: ``|d - g0| ≤ ρ``
-    to ``1e-6`` (relative, :data:`_BALL_TOL`) and a duality gap below ``1e-9 + 64 m eps``;
-    ``converged`` only then.
+    to ``1e-6`` (relative, :data:`_BALL_TOL`) or to the rounding of ``|Jᵀλ|`` and ``ρ``
+    computed from the Gramian (``m eps (|λ|_1² + c²) / ρ²``, the larger), and a duality gap
+    below ``1e-9 + 64 m eps``; ``converged`` only then. A finished search that fails the fixed
+    tolerances is polished on its active set (:func:`polish_level`), and the stationary search
+    below is tried as well when the gradients are Pareto-stationary to the precision.
     Nearly Pareto-stationary gradients (hull distance ``δ`` near the rounding of the Gramian)
     defeat the search: ``t* ≤ δ (|y0| + ρ)`` is reached only far out in a thin wedge of the
     polyhedron, the multipliers grow like ``ρ / δ`` (1e7-1e8), and the eigenvalue ``≈ δ²`` that
@@ -184,16 +222,33 @@ def cagrad_solve(
                 level, projection, distance = trial, candidate, value
         return inside.multipliers, max_iter, False
 
+    def verified(multipliers: np.ndarray, hull: float | None) -> tuple[float, float, bool, float]:
+        """``(ball, gap, strict, ball_tol)``: the certificate, whether it holds to the fixed
+        tolerances, and the ball's tolerance (the fixed one or the rounding of its terms)."""
+        ball, gap = cagrad_certificate(gramian, multipliers, radius, hull)
+        allowed = max(gap_tol, stationary_distance(eps)) if hull is not None else gap_tol
+        rounding = m * unit * (float(np.abs(multipliers).sum()) ** 2 + c**2) / radius**2
+        strict = ball <= _BALL_TOL and gap <= allowed
+        return ball, gap, strict, max(_BALL_TOL, rounding)
+
     def result(
         multipliers: np.ndarray, steps: int, finished: bool, hull: float | None = None
     ) -> CAGradSolve:
-        ball, gap = cagrad_certificate(gramian, multipliers, radius, hull)
+        ball, gap, strict, ball_tol = verified(multipliers, hull)
+        if finished and not strict:  # DAQP's tolerances, not the data's, limit a tiny problem
+            polished = polish_level(gramian, multipliers, radius)
+            if polished is not None:
+                check = verified(polished, hull)
+                if max(check[:2]) < max(ball, gap):
+                    multipliers, (ball, gap, strict, ball_tol) = polished, check
         stationary = hull is not None
         allowed = max(gap_tol, stationary_distance(eps)) if stationary else gap_tol
-        converged = bool(finished and ball <= _BALL_TOL and gap <= allowed)
-        if ball > _BALL_TOL:  # back into the ball: d moves towards g0 (convex), stays feasible
+        converged = bool(finished and ball <= ball_tol and gap <= allowed)
+        if ball > ball_tol:  # back into the ball: d moves towards g0 (convex), stays feasible
             multipliers = multipliers / (1.0 + ball)
-        return CAGradSolve(mean + multipliers, steps, max(ball, gap), converged, stationary)
+        return CAGradSolve(
+            mean + multipliers, steps, max(ball, gap), converged, stationary, finished and strict
+        )
 
     def stationary_search(hull: float, steps: int) -> CAGradSolve:
         multipliers = dual_cone_weights(gramian, mean[None, :])[0] - mean
@@ -208,7 +263,7 @@ def cagrad_solve(
             return stationary_search(hull, 0)
     multipliers, steps, finished = search(top, projection)
     first = result(multipliers, steps, finished)
-    if first.converged:
+    if first.strict:
         return first
     hull = hull_distance(gramian)
     if hull <= stationary_distance(eps):
