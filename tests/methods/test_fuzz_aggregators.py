@@ -339,9 +339,13 @@ def checked_exactly(key: str, jac: Tensor, decision: Decision) -> bool:
       :func:`test_mgda_near_stationary_kkt` converges now; the slow run still finds
       ``nearly_opposite`` ones, e.g. m=5, n=7, seed=1025, rows 1..1e6, eps=1e-12: the entering
       task, of norm 6e-7, is dropped again by the minor cycle);
-    * CAGrad: row norms spread beyond 1e3, or within ``1e-4`` of stationarity: below
-      ``stationary_distance`` (1.5e-7) it returns ``g0`` projected onto the dual cone, optimal
-      to the hull distance only (:func:`test_cagrad_near_stationary`; it left the ball by 88%).
+    * CAGrad: within ``1e-4`` of stationarity: below ``stationary_distance`` (1.5e-7) it returns
+      ``g0`` projected onto the dual cone, optimal to the hull distance only
+      (:func:`test_cagrad_near_stationary`; it left the ball by 88%), and between that and
+      ``1e-6`` the multipliers reach 1e2 and more, so that the ball checked on ``J`` (not on
+      the Gramian, where the certificate holds) is off by more than the checker's tolerance.
+      (Row norms spread beyond 1e3 were exempt too; the slow run, 3000 examples per case,
+      holds them now, after the active-set polish of ``cagrad_solve``.)
 
     UPGrad and DualProj are held to them everywhere (they solve on the cosines since the
     badly scaled cases of :func:`test_dual_cone_badly_scaled_rows`).
@@ -350,7 +354,7 @@ def checked_exactly(key: str, jac: Tensor, decision: Decision) -> bool:
         status = decision.status
         return status is None or status.converged or hull_gap(jac) > 1e-6
     if key.startswith("cagrad"):
-        return spread(jac) <= 1e3 and hull_gap(jac) >= 1e-4
+        return hull_gap(jac) >= 1e-4
     return True
 
 
