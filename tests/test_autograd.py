@@ -164,6 +164,21 @@ def test_ew_backward_equals_sum_backward(problem):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-14)
 
 
+@pytest.mark.parametrize("weights", [None, [2.0, 0.5, 1.0]])
+def test_loss_weighting_backward_is_the_seeded_backward_bit_for_bit(problem, weights):
+    """EW's ones are the default seeds of ``backward`` (no seed checks), other weights seed each
+    loss: both give exactly the gradients of seeding every loss with its weight."""
+    model, x, y = problem
+    method = EW() if weights is None else mtlkit.methods.LS(weights)
+    mtlkit.backward(task_losses(model, x, y), method=method)
+    got = grads_of(model.parameters())
+    model.zero_grad()
+    seeds = torch.tensor([1.0] * 3 if weights is None else weights, dtype=torch.float64)
+    torch.autograd.backward(task_losses(model, x, y), grad_tensors=list(seeds.unbind()))
+    for g, e in zip(got, grads_of(model.parameters())):
+        assert torch.equal(g, e)
+
+
 def test_backward_accumulates_like_tensor_backward(problem):
     model, x, y = problem
     for _ in range(2):

@@ -164,12 +164,7 @@ def method_backward(
         if weights.requires_grad:  # learnable weights: differentiate through them
             weighted.total(stacked).backward(retain_graph=retain_graph)
         else:  # Σ_i w_i L_i: each loss seeded with its weight, no stack/mul/sum in the graph
-            seeds = weights if weights.dtype == stacked.dtype else weights.to(stacked.dtype)
-            if extra is None:
-                roots, grads = scalars, seeds.unbind()
-            else:
-                roots, grads = [*scalars, extra], [*seeds.unbind(), None]
-            torch.autograd.backward(roots, grad_tensors=grads, retain_graph=retain_graph)
+            _seeded_backward(scalars, weights, extra, stacked.dtype, retain_graph)
         return Decision(weights=weights.detach() if weights.requires_grad else weights)
     if kind != "gradient":
         raise TypeError(f"method must be a LossWeighting or a GradientAggregator, got {method!r}")
@@ -200,6 +195,23 @@ def method_backward(
             "or features=<the shared representation>"
         )
     return _aggregate_shared(scalars, shared, method, route, max_memory, retain_graph, reducer)
+
+
+def _seeded_backward(
+    scalars: list[Tensor], weights: Tensor, extra: Tensor | None, dtype: torch.dtype, retain: bool
+) -> None:
+    """The backward of ``Σ_i w_i L_i (+ extra)``: each loss seeded with its weight (as
+    ``dtype``). Weights of ones on the CPU (EW; the read costs no synchronisation there) are the
+    default seeds of ``backward``, which skips the seeds' checks (the same gradients)."""
+    seeds = weights if weights.dtype == dtype else weights.to(dtype)
+    roots = scalars if extra is None else [*scalars, extra]
+    if seeds.device.type == "cpu":
+        values = seeds.tolist()
+        if values.count(1.0) == len(values):
+            torch.autograd.backward(roots, retain_graph=retain)
+            return
+    grads = seeds.unbind() if extra is None else [*seeds.unbind(), None]
+    torch.autograd.backward(roots, grad_tensors=grads, retain_graph=retain)
 
 
 def _aggregate_shared(
