@@ -143,14 +143,18 @@ def first_nonfinite(tensors: Iterable[Tensor | None]) -> Tensor | None:
 
 
 def _first_nonfinite_grad(params: Sequence[Tensor]) -> Tensor | None:
-    """:func:`first_nonfinite` of the parameters' gradients (the per-step check: one fused norm
-    and a read of each tensor's norm, summed in Python floats, which a sum of finite float32
-    norms cannot overflow; cheaper than a stack and one read for the few tensors of a step)."""
+    """:func:`first_nonfinite` of the parameters' gradients (the per-step check: one fused norm,
+    its values summed in Python floats, which a sum of finite float32 norms cannot overflow; on
+    the CPU each norm is read as it is, elsewhere they are stacked for one synchronisation)."""
     grads = []
     for p in params:  # a loop, not a comprehension: no frame of its own
         if p.grad is not None:
             grads.append(p.grad)
-    if not grads or math.isfinite(sum(map(float, torch._foreach_norm(grads)))):
+    if not grads:
+        return None
+    norms = torch._foreach_norm(grads)
+    values = map(float, norms) if grads[0].device.type == "cpu" else torch.stack(norms).tolist()
+    if math.isfinite(sum(values)):
         return None
     return first_nonfinite(grads)
 
