@@ -110,3 +110,52 @@ def test_front_report_of_given_rows():
     assert report.pooled[""] == ["ls_p3_1-joint-seed0", "epo_p1_3-joint-seed0"]
     text = "\n".join(front_markdown(grid, report))
     assert "| ls | joint | 1 | 3 | 2 | 1.53 |" in text
+
+
+def test_a_conditioned_models_run_is_a_front_of_its_own_points():
+    """A COSMOS run carries its test rays' losses (``front_points``, from its front.csv): its
+    front is those points, next to a sweep's runs, all up to one reference point."""
+    from mtlkit.app.compare.front import front_report, has_fronts
+    from mtlkit.tasks import Task
+
+    grid = compare.load_grid(None, [*TINY, "methods=[ew, cosmos]"])
+    assert not has_fronts(grid)
+    rows = [
+        {"run": "ew-joint-seed0", "method": "ew", "strategy": "joint", "seed": 0, "budget": "",
+         "left/loss": 2.0, "sum/loss": 2.0},
+        {"run": "cosmos-joint-seed0", "method": "cosmos", "strategy": "joint", "seed": 0,
+         "budget": "", "left/loss": 1.5, "sum/loss": 1.5,
+         "front_points": [[1.0, 3.0], [1.5, 1.5], [3.0, 1.0], [3.0, 3.0]]},
+    ]  # fmt: skip
+    assert has_fronts(grid, rows)
+    tasks = [Task(name="left", loss=None), Task(name="sum", loss=None)]
+    report = front_report(grid, rows, tasks)
+    np.testing.assert_allclose(report.reference, [3.2, 3.2])  # over every point of both
+    by_front = {g["front"]: g for g in report.groups}
+    points = np.array([[1.0, 3.0], [1.5, 1.5], [3.0, 1.0], [3.0, 3.0]])
+    expected = hypervolume(points, np.array([3.2, 3.2]))
+    assert by_front["cosmos"]["hypervolume"] == pytest.approx(expected)
+    assert by_front["cosmos"]["points"].shape == (4, 2)
+    assert [r["non_dominated"] for r in report.rows] == ["yes", "yes"]  # each in its front
+    assert by_front["cosmos"]["non_dominated"] == 1  # the run, counted once
+    assert report.pooled[""] == ["cosmos-joint-seed0"]  # (1.5, 1.5) dominates ew's (2, 2)
+    assert "front_points" not in report.rows[1]
+
+
+def test_compare_reports_the_front_of_a_cosmos_run(tmp_path):
+    out = tmp_path / "out"
+    argv = ["compare", "--jobs", "0", "--no-progress", "--out", str(out), *TINY]
+    assert main([*argv, "methods=[ew, {name: cosmos, args: {test_rays: 4}}]"]) == 0
+    with open(out / "results.csv", newline="") as handle:
+        rows = {r["method"].split("_")[0]: r for r in csv.DictReader(handle)}
+    run = next(p for p in out.rglob("front.csv"))
+    with open(run, newline="") as handle:
+        points = np.array(
+            [[float(r["left/loss"]), float(r["sum/loss"])] for r in csv.DictReader(handle)]
+        )
+    everything = np.vstack(
+        [points, [[float(rows["ew"]["left/loss"]), float(rows["ew"]["sum/loss"])]]]
+    )
+    expected = hypervolume(points, reference_point(everything))
+    assert float(rows["cosmos"]["front_hypervolume"]) == pytest.approx(expected)
+    assert "## Pareto fronts" in (out / "results.md").read_text()

@@ -20,9 +20,10 @@ from torch import nn
 from mtlkit.architectures import build
 from mtlkit.architectures.conditioned import PreferenceConditioned, conditioned_input_shape
 from mtlkit.data.benchmarks import Problem
-from mtlkit.errors import ConfigError
+from mtlkit.errors import ConfigError, MtlkitError
 from mtlkit.methods.base import Method
 from mtlkit.parallel.ddp import is_main_process
+from mtlkit.tasks import Task
 from mtlkit.training.logs import write_atomic
 from mtlkit.training.trainer import Results, Trainer
 
@@ -97,3 +98,25 @@ def front_table(rays: Sequence[Any], fronts: Sequence[Results], trainer: Trainer
         row += [f"{results[t][name]:.8g}" for t in tasks for name in metrics[t]]
         writer.writerow(row)
     return buffer.getvalue()
+
+
+def front_points(path: Path, tasks: Sequence[Task]) -> list[list[float]]:
+    """The test losses (one objective per task, in ``tasks``' order) of each ray of a
+    ``front.csv`` written by :func:`evaluate_front`.
+
+    Raises:
+        MtlkitError: naming the file, for a missing column or a value that is not a number.
+    """
+    with path.open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = [f"{t.name}/loss" for t in tasks]
+    points = []
+    for number, row in enumerate(rows, start=2):
+        try:
+            points.append([float(row[c]) for c in columns])
+        except (KeyError, TypeError, ValueError) as error:
+            raise MtlkitError(
+                f"{path}: line {number} has no number in the columns {columns} ({error}); the "
+                "file is not a front.csv of these tasks (rerun the run, or remove the file)"
+            ) from error
+    return points

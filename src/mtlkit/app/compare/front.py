@@ -31,9 +31,12 @@ FRONT_COLUMNS = ["front", "preference", "front_hypervolume", "front_spread", "no
 """The columns ``results.csv`` gains when the grid has fronts."""
 
 
-def has_fronts(grid: Grid) -> bool:
-    """Whether any method entry of ``grid`` belongs to a front."""
-    return any(m.front is not None for m in grid.methods)
+def has_fronts(grid: Grid, rows: Sequence[Mapping[str, Any]] = ()) -> bool:
+    """Whether any method entry of ``grid`` belongs to a front, or any finished run is one
+    preference-conditioned model with a front of its own (``front_points``: COSMOS)."""
+    return any(m.front is not None for m in grid.methods) or any(
+        r.get("front_points") for r in rows
+    )
 
 
 def objectives(tasks: Sequence[Task]) -> list[str]:
@@ -67,10 +70,12 @@ def front_report(
         row["front"] = entry.front or entry.label
         value = entry.args.get("preference", entry.args.get("weights")) if entry.front else None
         row["preference"] = "" if value is None else " ".join(f"{float(v):g}" for v in value)
-        vector = [_float(row.get(c)) for c in columns]
-        if all(math.isfinite(v) for v in vector):
-            points[row["run"]] = vector
-    reference = reference_point(np.array(list(points.values()))) if points else None
+        vectors = row.pop("front_points", None) or [[_float(row.get(c)) for c in columns]]
+        finite = [v for v in vectors if all(math.isfinite(x) for x in v)]
+        if finite:
+            points[row["run"]] = finite  # one point, or the test rays of a conditioned model
+    every = [v for vectors in points.values() for v in vectors]
+    reference = reference_point(np.array(every)) if every else None
     report = FrontReport(columns, reference, out)
     groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
     for row in out:
@@ -79,25 +84,31 @@ def front_report(
         )
     for (budget, front, strategy, seed), members in groups.items():
         kept = [r for r in members if r["run"] in points]
-        array = np.array([points[r["run"]] for r in kept]).reshape(len(kept), len(columns))
-        mask = non_dominated(array) if len(kept) else np.zeros(0, dtype=bool)
-        volume = hypervolume(array, reference) if len(kept) and reference is not None else math.nan
-        spreading = spread(array) if len(kept) else math.nan
+        owners = [r for r in kept for _ in points[r["run"]]]
+        array = np.array([v for r in kept for v in points[r["run"]]]).reshape(-1, len(columns))
+        mask = non_dominated(array) if len(array) else np.zeros(0, dtype=bool)
+        volume = hypervolume(array, reference) if len(array) and reference is not None else math.nan
+        spreading = spread(array) if len(array) else math.nan
         for row in members:
             row["front_hypervolume"], row["front_spread"] = volume, spreading
             row["non_dominated"] = ""
-        for row, flag in zip(kept, mask, strict=True):
-            row["non_dominated"] = "yes" if flag else "no"
+        for row in kept:  # a conditioned model's run: whether any of its points is
+            flags = [bool(f) for o, f in zip(owners, mask, strict=True) if o is row]
+            row["non_dominated"] = "yes" if any(flags) else "no"
         report.groups.append(
             {"budget": budget, "front": front, "strategy": strategy, "seed": seed,
-             "runs": len(members), "non_dominated": int(mask.sum()), "hypervolume": volume,
+             "runs": len(members), "non_dominated": sum(r["non_dominated"] == "yes" for r in kept),
+             "hypervolume": volume,
              "spread": spreading, "points": array, "mask": mask}
         )  # fmt: skip
     for budget in dict.fromkeys(r["budget"] for r in out):
         kept = [r for r in out if r["budget"] == budget and r["run"] in points]
         if kept:
-            mask = non_dominated(np.array([points[r["run"]] for r in kept]))
-            report.pooled[budget] = [r["run"] for r, flag in zip(kept, mask, strict=True) if flag]
+            owners = [r["run"] for r in kept for _ in points[r["run"]]]
+            mask = non_dominated(np.array([v for r in kept for v in points[r["run"]]]))
+            report.pooled[budget] = list(
+                dict.fromkeys(o for o, flag in zip(owners, mask, strict=True) if flag)
+            )
     return report
 
 

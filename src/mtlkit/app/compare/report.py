@@ -19,6 +19,7 @@ from mtlkit.app.compare.front import (
     plot_fronts,
 )
 from mtlkit.app.compare.grid import Grid, RunSpec, format_number, stl_dir
+from mtlkit.app.conditioned_front import FRONT_NAME, front_points
 from mtlkit.app.config import BUDGET_KEYS, TrainConfig
 from mtlkit.app.runner import STL_BASELINE, load_baseline, make_loaders
 from mtlkit.data.multi_input import MultiInputLoader
@@ -139,6 +140,8 @@ def collect_rows(
             peak_memory_mb=cost.get("peak_memory_mb"),
             best_epoch=summary.get("best_epoch"),
         )
+        if (folder / FRONT_NAME).is_file():  # one conditioned model's front (COSMOS)
+            row["front_points"] = front_points(folder / FRONT_NAME, tasks)
         rows.append(row)
     return rows
 
@@ -156,7 +159,7 @@ def write_results(
     added at its end, e.g. the published tables) and, when ``plots``, the figures; return the
     paths written."""
     columns = result_columns(tasks)
-    fronts = front_report(grid, rows, tasks) if has_fronts(grid) else None
+    fronts = front_report(grid, rows, tasks) if has_fronts(grid, rows) else None
     if fronts is not None:  # preference sweeps: hypervolume per front (app/compare/front.py)
         rows, columns = fronts.rows, [*columns, *FRONT_COLUMNS]
         appendix = [*front_markdown(grid, fronts), *appendix]
