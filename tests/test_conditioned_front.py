@@ -43,3 +43,16 @@ def test_cosmos_builds_a_conditioned_model_and_refuses_what_it_cannot_condition(
         build_run(TrainConfig(method="cosmos", strategy="alternating", data_args=small), None)
     code = main(["train", "--method", "cosmos", "--strategy", "alternating", "--check"])
     assert code == 2 and "strategy: joint" in one_line_error(capsys)
+
+
+def test_a_resumed_cosmos_run_draws_the_same_rays_and_ends_at_the_same_front(tmp_path, capsys):
+    """The rays come from the method's generator, saved in the checkpoint: 1 epoch + a resume
+    to 2 gives the uninterrupted 2-epoch run's front.csv, byte for byte."""
+    tiny = [*TINY_COMPARE, "method_args.test_rays=3", "checkpoint_every=1", "--no-progress"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    base = ["train", "--method", "cosmos"]
+    assert main([*base, "--out", str(whole), *tiny, "epochs=2"]) == 0
+    assert main([*base, "--out", str(split), *tiny, "epochs=1"]) == 0
+    assert main(["train", "--resume", str(split), *tiny, "epochs=2"]) == 0
+    assert (split / "front.csv").read_text() == (whole / "front.csv").read_text()
+    capsys.readouterr()
