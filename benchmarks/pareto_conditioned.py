@@ -143,18 +143,10 @@ def write(args, tasks, points, summary, reference, began, load) -> None:
                 for ray, loss in front:
                     ray_text = [f"{r:.6g}" for r in ray]
                     writer.writerow([name, seed, *ray_text, *(f"{v:.6f}" for v in loss)])
-    header = list(summary[0])
-    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    table += ["| " + " | ".join(r[k] for k in header) + " |" for r in summary]
     text = [
         "# One conditioned model vs a sweep of LS runs (MultiDigits, issue 24 item 4)",
         "",
-        f"- command: `python {' '.join(sys.argv)}`",
-        f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; "
-        f"{time.perf_counter() - began:.0f} s in all",
-        f"- machine: {platform.node()}, {os.cpu_count()} CPU(s), 1 torch thread, torch "
-        f"{torch.__version__}; load average {load[0]:.1f} before, "
-        f"{os.getloadavg()[0]:.1f} after (a shared machine: seconds are indicative)",
+        *provenance(began, load),
         f"- HPS (MLP encoder), Adam 1e-3, batch 64, seeds {args.seeds}; the LS sweep: "
         f"{args.count} runs of {args.epochs} epochs (and, for scale, of {args.count * args.epochs}"
         f"); COSMOS (alpha 1.2): one run of {args.count * args.epochs} epochs, the sweep's "
@@ -165,12 +157,31 @@ def write(args, tasks, points, summary, reference, began, load) -> None:
         "plus 10% of its range; spread: the generalised Δ over the front's own extremes; loss "
         "ranges: max - min of each task's test loss over the front's points (mean over seeds)",
         "",
-        *table,
+        *markdown_table(summary),
         "",
     ]
     (args.out / "pareto_conditioned.md").write_text("\n".join(text), encoding="utf-8")
     plot(tasks, points, args.out / "pareto_conditioned.png")
     print("\n".join(text))
+
+
+def provenance(began: float, load: tuple[float, ...]) -> list[str]:
+    """The command, date and machine lines of a results file."""
+    return [
+        f"- command: `python {' '.join(sys.argv)}`",
+        f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; "
+        f"{time.perf_counter() - began:.0f} s in all",
+        f"- machine: {platform.node()}, {os.cpu_count()} CPU(s), 1 torch thread, torch "
+        f"{torch.__version__}; load average {load[0]:.1f} before, {os.getloadavg()[0]:.1f} "
+        "after (a shared machine: seconds are indicative)",
+    ]
+
+
+def markdown_table(rows: list[dict[str, str]]) -> list[str]:
+    """``rows`` (all with the same keys) as the lines of a markdown table."""
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(r[k] for k in header) + " |" for r in rows]
 
 
 def plot(tasks, points, path: Path) -> None:
@@ -283,17 +294,10 @@ def toy_main() -> int:
              "igd": f"{igd(array, front):.4f}", "spread": f"{spread(array, front):.3f}",
              "adam_steps": str(steps), "seconds": f"{spent:.0f}"}
         )  # fmt: skip
-    header = list(summary[0])
-    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    table += ["| " + " | ".join(r[k] for k in header) + " |" for r in summary]
     text = [
         "# One conditioned model vs a sweep of LS runs (the 2-D toy, issue 24 item 4)",
         "",
-        f"- command: `python {' '.join(sys.argv)}`",
-        f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; "
-        f"{time.perf_counter() - began:.0f} s in all",
-        f"- machine: {platform.node()}, {os.cpu_count()} CPU(s), 1 torch thread, torch "
-        f"{torch.__version__}; load average {load[0]:.1f} before, {os.getloadavg()[0]:.1f} after",
+        *provenance(began, load),
         f"- L1 scaled by {IMBALANCED_SCALE}. LS sweep: {args.count} runs of {args.steps} Adam "
         f"steps (lr {args.lr:g}) on x from each start. COSMOS (alpha 1.2, min_loss = the toy's "
         f"lower bounds): one network x = start + g(r) (2-64-64-2 tanh MLP, last layer 0 at "
@@ -303,7 +307,7 @@ def toy_main() -> int:
         f"losses plus 10% of their range; the true front has {hypervolume(front, reference):.4f}); "
         "IGD against 1,401 points of the true front; spread with the true front's extremes",
         "",
-        *table,
+        *markdown_table(summary),
         "",
     ]
     args.out.mkdir(parents=True, exist_ok=True)
