@@ -331,7 +331,9 @@ def test_fair_weights_retry_a_stalled_warm_start_cold() -> None:
     warm = np.array([5396305.100197763, 539675.002403254])
     solve = fair_weights(gramian, start=warm)
     assert solve.converged and solve.reason == "converged" and solve.residual < 1e-4
-    np.testing.assert_allclose(solve.weights, fair_weights(gramian).weights, rtol=1e-6)
+    # both are converged within the residual's rounding (about 5e-4 at weights of ~1e7), which
+    # bounds their agreement: 2e-5 relative with NumPy 2.4 / SciPy 1.17 (1e-6 with earlier ones)
+    np.testing.assert_allclose(solve.weights, fair_weights(gramian).weights, rtol=1e-4)
     capped = fair_weights(gramian, start=warm, max_iter=1)
     assert capped.converged  # the cold retry needs no iteration
 
