@@ -92,7 +92,7 @@ def front_report(
         for row in members:
             row["front_hypervolume"], row["front_spread"] = volume, spreading
             row["non_dominated"] = ""
-        for row in kept:  # a conditioned model's run: whether any of its points is
+        for row in kept:  # a conditioned model's run: whether any of its points is, in its front
             flags = [bool(f) for o, f in zip(owners, mask, strict=True) if o is row]
             row["non_dominated"] = "yes" if any(flags) else "no"
         report.groups.append(
