@@ -12,6 +12,7 @@ from mtlkit.app.config import TrainConfig
 from mtlkit.app.runner import build_run
 from mtlkit.architectures.conditioned import PreferenceConditioned
 from mtlkit.errors import ConfigError
+from mtlkit.methods import COSMOS
 
 
 def test_train_writes_the_front_of_the_one_conditioned_model(tmp_path, capsys):
@@ -56,3 +57,15 @@ def test_a_resumed_cosmos_run_draws_the_same_rays_and_ends_at_the_same_front(tmp
     assert main(["train", "--resume", str(split), *tiny, "epochs=2"]) == 0
     assert (split / "front.csv").read_text() == (whole / "front.csv").read_text()
     capsys.readouterr()
+
+
+def test_alternating_refuses_cosmos_in_a_users_own_trainer():
+    """Each group would get its own copy of the method, drawing rays the model never reads."""
+    from mtlkit import Alternating, Trainer, optimizer
+
+    trainer, loaders = build_run(
+        TrainConfig(method="cosmos", data_args={"n_train": 64, "n_val": 32, "n_test": 32}), None
+    )
+    own = Trainer(trainer.model, trainer.tasks, Alternating(COSMOS()), optimizer("sgd", lr=0.1))
+    with pytest.raises(ConfigError, match="COSMOS needs the Joint strategy"):
+        own.validate(loaders["train"])

@@ -393,6 +393,8 @@ class Alternating(Strategy):
                     f"{type(self.prototype).__name__} has learnable per-task state, which needs "
                     "fixed groups; use RandomGroups(resample='never')"
                 )
+        if getattr(self.prototype, "conditions_model", False):  # COSMOS: one ray, all tasks
+            raise ConfigError(f"{type(self.prototype).__name__} needs the Joint strategy")
         check_method(self.prototype, context)
         self.group_methods = [copy.deepcopy(self.prototype) for _ in groups]
         for method, group in zip(self.group_methods, groups):
