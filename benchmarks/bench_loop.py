@@ -179,6 +179,50 @@ class PathLength:
         torch._foreach_copy_(self.previous, current)
 
 
+def hand_optimizers(model: nn.Module, names: list[str], strategy: str) -> dict[str, Any]:
+    """The hand loop's Adam per task (``alt_per_task``: shared + own head) or one for all."""
+    shared = list(model.encoder.parameters())
+    if strategy == "alt_per_task":
+        return {
+            t: torch.optim.Adam(shared + list(model.heads[t].parameters()), lr=1e-3) for t in names
+        }
+    return dict.fromkeys(names, torch.optim.Adam(model.parameters(), lr=1e-3))
+
+
+def hand_step(
+    model: nn.Module,
+    opts: dict[str, Any],
+    loss_of: dict[str, Any],
+    strategy: str,
+    batch: Any,
+    sums: torch.Tensor,
+    tracker: PathLength | None,
+) -> None:
+    """One batch of the hand loop: one step on the summed losses (``joint``), else one step per
+    task on its own loss; the path length tracked after each step (unless ``tracker`` is None)."""
+    x, y = batch
+    names = list(opts)
+    if strategy == "joint":
+        one = opts[names[0]]
+        one.zero_grad(set_to_none=True)
+        out = model(x)
+        losses = torch.stack([loss_of[t](out[t], y[t]) for t in names])
+        losses.sum().backward()
+        one.step()
+        if tracker is not None:
+            tracker.step()
+        sums += losses.detach()
+        return
+    for k, t in enumerate(names):
+        opts[t].zero_grad(set_to_none=True)
+        loss = loss_of[t](model.heads[t](model.encoder(x)), y[t])
+        loss.backward()
+        opts[t].step()
+        if tracker is not None:
+            tracker.step()
+        sums[k] += loss.detach()
+
+
 def run_hand(problem: Problem, strategy: str, epochs: int) -> Times:
     """The hand-written loop: what a user would write for the same run."""
     model = problem.make_model()
@@ -186,36 +230,14 @@ def run_hand(problem: Problem, strategy: str, epochs: int) -> Times:
     torch.manual_seed(0)
     names = [t.name for t in problem.tasks]
     loss_of = {t.name: t.loss for t in problem.tasks}
-    shared = list(model.encoder.parameters())
-    if strategy == "alt_per_task":
-        opts = {
-            t: torch.optim.Adam(shared + list(model.heads[t].parameters()), lr=1e-3) for t in names
-        }
-    else:
-        one = torch.optim.Adam(model.parameters(), lr=1e-3)
-        opts = dict.fromkeys(names, one)
-    tracker = PathLength(shared)
+    opts = hand_optimizers(model, names, strategy)
+    tracker = PathLength(list(model.encoder.parameters()))
     best, best_state = float("inf"), None
     for _epoch in range(epochs):
         model.train()
         sums = torch.zeros(len(names))
-        for x, y in problem.train:
-            if strategy == "joint":
-                one.zero_grad(set_to_none=True)
-                out = model(x)
-                losses = torch.stack([loss_of[t](out[t], y[t]) for t in names])
-                losses.sum().backward()
-                one.step()
-                tracker.step()
-                sums += losses.detach()
-                continue
-            for k, t in enumerate(names):
-                opts[t].zero_grad(set_to_none=True)
-                loss = loss_of[t](model.heads[t](model.encoder(x)), y[t])
-                loss.backward()
-                opts[t].step()
-                tracker.step()
-                sums[k] += loss.detach()
+        for batch in problem.train:
+            hand_step(model, opts, loss_of, strategy, batch, sums, tracker)
         score = sum(evaluate(model, problem).values())
         if score < best:
             best, best_state = score, copy.deepcopy(model.state_dict())

@@ -61,35 +61,15 @@ def main() -> None:
     model = problem.make_model()
     names = [t.name for t in problem.tasks]
     loss_of = {t.name: t.loss for t in problem.tasks}
-    shared = list(model.encoder.parameters())
-    if args.strategy == "alt_per_task":
-        opts = {t: torch.optim.Adam(shared + list(model.heads[t].parameters())) for t in names}
-    else:
-        opts = dict.fromkeys(names, torch.optim.Adam(model.parameters()))
-    tracker = bench.PathLength(shared)
+    opts = bench.hand_optimizers(model, names, args.strategy)
+    tracker = bench.PathLength(list(model.encoder.parameters()))
     sums = torch.zeros(len(names))
 
     def hand_block(tracked: bool = True) -> None:
-        for x, y in batches:
-            if args.strategy == "joint":
-                one = opts[names[0]]
-                one.zero_grad(set_to_none=True)
-                out = model(x)
-                losses = torch.stack([loss_of[t](out[t], y[t]) for t in names])
-                losses.sum().backward()
-                one.step()
-                if tracked:
-                    tracker.step()
-                sums.add_(losses.detach())
-                continue
-            for k, t in enumerate(names):
-                opts[t].zero_grad(set_to_none=True)
-                loss = loss_of[t](model.heads[t](model.encoder(x)), y[t])
-                loss.backward()
-                opts[t].step()
-                if tracked:
-                    tracker.step()
-                sums[k] += loss.detach()
+        for batch in batches:
+            bench.hand_step(
+                model, opts, loss_of, args.strategy, batch, sums, tracker if tracked else None
+            )
 
     variants: dict[str, Callable[[], None]] = {"hand": hand_block, "trainer": trainer_block}
     if args.ablate:
