@@ -46,6 +46,7 @@ def test_a_sweep_expands_into_one_run_per_preference_vector():
         ("[{name: mgda, preferences: {count: 2}}]", "'mgda' takes no preference vector.*epo"),
         ("[{name: epo, preferences: {count: 4, k: 1}}]", "list of vectors or {count: k}"),
         ("[{name: epo, preferences: [[1, 0]]}]", r"preference \[1, 0\] of 'epo' must be"),
+        ("[{name: epo, preferences: [[1, a]]}]", r"preference \[1, 'a'\] of 'epo' must be"),
         ("[{name: epo, preferences: [[1, 2, 3]]}]", r"one number per task \(2\)"),
         ("[{name: epo, preferences: [[1, 2]], args: {preference: [1, 1]}}]", "both"),
         ("[{name: pbi, preferences: {count: 0}}]", "count of 'pbi' must be >= 1"),

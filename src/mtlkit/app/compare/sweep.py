@@ -76,7 +76,8 @@ def check_sweep(name: str, args: Mapping[str, Any], spec: Any) -> tuple[Any, ...
     vectors = []
     for vector in spec:
         ok = isinstance(vector, Sequence) and not isinstance(vector, (str, bytes)) and vector
-        values = [float(v) for v in vector] if ok else []
+        numbers = ok and all(type(v) in (int, float) for v in vector)  # not bool, not "1"
+        values = [float(v) for v in vector] if numbers else []
         if not values or not all(math.isfinite(v) and v > 0 for v in values):
             raise ConfigError(
                 f"methods: preference {vector!r} of {name!r} must be a list of numbers > 0, "
