@@ -222,32 +222,30 @@ def cagrad_solve(
                 level, projection, distance = trial, candidate, value
         return inside.multipliers, max_iter, False
 
-    def verified(multipliers: np.ndarray, hull: float | None) -> tuple[float, float, bool, float]:
-        """``(ball, gap, strict, ball_tol)``: the certificate, whether it holds to the fixed
-        tolerances, and the ball's tolerance (the fixed one or the rounding of its terms)."""
+    def verified(multipliers: np.ndarray, hull: float | None) -> tuple[float, float, float, bool]:
+        """``(ball, gap, ball_tol, gap_ok)``: the certificate, the ball's tolerance (the fixed
+        one or the rounding of its terms, the larger) and whether the gap is within its own."""
         ball, gap = cagrad_certificate(gramian, multipliers, radius, hull)
         allowed = max(gap_tol, stationary_distance(eps)) if hull is not None else gap_tol
         rounding = m * unit * (float(np.abs(multipliers).sum()) ** 2 + c**2) / radius**2
-        strict = ball <= _BALL_TOL and gap <= allowed
-        return ball, gap, strict, max(_BALL_TOL, rounding)
+        return ball, gap, max(_BALL_TOL, rounding), gap <= allowed
 
     def result(
         multipliers: np.ndarray, steps: int, finished: bool, hull: float | None = None
     ) -> CAGradSolve:
-        ball, gap, strict, ball_tol = verified(multipliers, hull)
-        if finished and not strict:  # DAQP's tolerances, not the data's, limit a tiny problem
-            polished = polish_level(gramian, multipliers, radius)
+        ball, gap, ball_tol, gap_ok = verified(multipliers, hull)
+        if finished and not (ball <= _BALL_TOL and gap_ok):  # DAQP's tolerances, not the
+            polished = polish_level(gramian, multipliers, radius)  # data's, limit tiny problems
             if polished is not None:
                 check = verified(polished, hull)
                 if max(check[:2]) < max(ball, gap):
-                    multipliers, (ball, gap, strict, ball_tol) = polished, check
-        stationary = hull is not None
-        allowed = max(gap_tol, stationary_distance(eps)) if stationary else gap_tol
-        converged = bool(finished and ball <= ball_tol and gap <= allowed)
+                    multipliers, (ball, gap, ball_tol, gap_ok) = polished, check
+        strict = finished and ball <= _BALL_TOL and gap_ok
+        converged = bool(finished and ball <= ball_tol and gap_ok)
         if ball > ball_tol:  # back into the ball: d moves towards g0 (convex), stays feasible
             multipliers = multipliers / (1.0 + ball)
         return CAGradSolve(
-            mean + multipliers, steps, max(ball, gap), converged, stationary, finished and strict
+            mean + multipliers, steps, max(ball, gap), converged, hull is not None, strict
         )
 
     def stationary_search(hull: float, steps: int) -> CAGradSolve:
