@@ -368,8 +368,7 @@ class NonFiniteGuard:
             return self._drop(bad, result, tasks, update, context, reason)
         fault = self._attempt(result, tasks, update, context)
         if not isinstance(fault, Exception):
-            if self.policy == "skip_task":
-                self._remember(result, tasks)
+            self._remember(result, tasks)
             return fault
         if isinstance(fault, SolverError):
             self.solver_failures += 1
@@ -481,7 +480,7 @@ class NonFiniteGuard:
     def _remember(self, result: Any, tasks: Sequence[str]) -> None:
         """Keep each task's last finite loss, the stand-in of ``skip_task``."""
         if self.policy != "skip_task":
-            return  # only skip_task uses stand-ins
+            return  # only skip_task uses stand-ins (no detach per task otherwise)
         for t in tasks:
             self._stand_ins[t] = result.losses[t].detach()
 
