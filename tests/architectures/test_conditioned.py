@@ -58,3 +58,31 @@ def test_bad_inputs_are_refused_with_the_shape():
     multi = build("hps", (7,), {"a": 1, "b": 1}, multi_input=True)
     with pytest.raises(ConfigError, match="single-input"):
         PreferenceConditioned(multi, channel, (5,))
+
+
+def test_the_trainers_model_hooks_reach_the_wrapped_model():
+    """DSelect-k's gate regularisers and Maximum Roaming's schedule are hooks the Trainer calls
+    on its model; behind the conditioning they must still be called (not silently skipped)."""
+    from mtlkit.training.devices import model_hook
+
+    channel = PreferenceChannel(2)
+    outputs = {"a": 1, "b": 1}
+    dselect = build("dselect_k", conditioned_input_shape((6,), 2), outputs)
+    model = PreferenceConditioned(dselect, channel, (6,))
+    model.train()
+    model(torch.randn(4, 6))
+    terms = model_hook(model, "auxiliary_losses")
+    assert set(terms) == {"a", "b"} and all(t.requires_grad for t in terms.values())
+    assert model_hook(model, "auxiliary_losses") == {}  # forgotten once read, as unwrapped
+
+    calls = []
+    roaming = build("max_roaming", conditioned_input_shape((6,), 2), outputs)
+    roaming.on_train_step = lambda step: calls.append(("step", step))
+    roaming.on_epoch_end = lambda epoch: calls.append(("epoch", epoch))
+    wrapped = PreferenceConditioned(roaming, channel, (6,))
+    model_hook(wrapped, "on_train_step", 7)
+    model_hook(wrapped, "on_epoch_end", 2)
+    assert calls == [("step", 7), ("epoch", 2)]
+    plain = PreferenceConditioned(build("hps", (8,), outputs), channel, (6,))
+    assert model_hook(plain, "auxiliary_losses") is None
+    assert model_hook(plain, "on_train_step", 1) is None

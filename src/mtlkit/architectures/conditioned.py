@@ -109,3 +109,18 @@ class PreferenceConditioned(nn.Module):
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         return self.model.task_parameters(task)
+
+    # The optional hooks the Trainer calls on its model, passed on to the wrapped one (LTB's
+    # and Maximum Roaming's schedules, DSelect-k's gate regularisers), or None without them.
+    def auxiliary_losses(self) -> Any:
+        return self._inner_hook("auxiliary_losses")
+
+    def on_train_step(self, step: int) -> Any:
+        return self._inner_hook("on_train_step", step)
+
+    def on_epoch_end(self, epoch: int) -> Any:
+        return self._inner_hook("on_epoch_end", epoch)
+
+    def _inner_hook(self, name: str, *args: Any) -> Any:
+        hook = getattr(self.model, name, None)
+        return hook(*args) if callable(hook) else None
